@@ -1,0 +1,130 @@
+"""Export a model folder to a stableembed artifact (needs the `export` extra: torch, transformers, onnx)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
+from .artifact import atomic_folder, default_buckets, write_manifest
+from .source import Source, read_source
+
+PRECISIONS = ("fp32",)
+
+__all__ = ["export_model", "read_source", "Source", "PRECISIONS"]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("stableembed", "torch", "transformers", "onnx", "onnxruntime", "tokenizers",
+                 "sentence-transformers", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_tokenizer(folder: Path, dest: Path) -> None:
+    src = folder / "tokenizer.json"
+    if src.is_file():
+        shutil.copyfile(src, dest)
+        return
+    from .._extras import require
+
+    tok = require("transformers", "export").AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        if not (Path(tmp) / "tokenizer.json").is_file():
+            raise ValueError(f"{folder}: no tokenizer.json and the tokenizer cannot be converted to a fast one")
+        shutil.copyfile(Path(tmp) / "tokenizer.json", dest)
+
+
+def export_model(
+    source: str | Path,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    max_length: int | None = None,
+    opset: int = 17,
+    exporter: str = "torchscript",
+    buckets: Sequence[Sequence[int]] | None = None,
+    parity: bool = True,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export the local model folder `source` to the artifact folder `out` and return its manifest.
+
+    The graph takes input_ids, attention_mask (and token_type_ids when the model uses them) and returns
+    `sentence_embedding` with pooling, Dense layers and normalization inside. Writing is atomic.
+    With `parity`, the export compares itself with sentence-transformers and records the figures.
+    """
+    from .assemble import OUTPUT, assemble
+    from .trace import load_transformer, trace_transformer, uses_token_type_ids
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not supported; choose one of {PRECISIONS}")
+    src = read_source(source)
+    if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        src.max_length = int(max_length)
+    bucket_list = [list(map(int, b)) for b in buckets] if buckets else default_buckets(src.max_length)
+    if max(t for _, t in bucket_list) < src.max_length:
+        raise ValueError(f"fixed buckets must include a length >= max_length ({src.max_length})")
+
+    model = load_transformer(src.transformer_path)
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_type_ids(model) else [])
+    with atomic_folder(Path(out), overwrite) as tmp:
+        with tempfile.TemporaryDirectory() as work:
+            traced = Path(work) / "transformer.onnx"
+            trace_transformer(model, traced, inputs, opset, exporter)
+            dim = assemble(traced, src, tmp / "model.onnx")
+        _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
+        cfg = src.config
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
+            "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
+                             "hidden_size": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
+                             "heads": cfg.get("num_attention_heads")},
+            "inputs": inputs,
+            "output": OUTPUT,
+            "dim": dim,
+            "pooling": src.pooling,
+            "dense": [{"in": d.in_features, "out": d.out_features, "activation": d.activation}
+                      for d in src.dense],
+            "normalize": src.normalize,
+            "max_length": src.max_length,
+            "lowercase": src.lowercase,
+            "pad_id": int(cfg.get("pad_token_id") or 0),
+            "precision": precision,
+            "opset": opset,
+            "exporter": exporter,
+            "shapes": {"dynamic": {"batch": "any", "length": f"2..{src.max_length}"},
+                       "fixed_buckets": bucket_list},
+            "libraries": _versions(),
+        }
+        write_manifest(tmp, manifest)
+        if parity:
+            manifest["parity"] = _measure_parity(tmp, src)
+            write_manifest(tmp, manifest)
+    return load_manifest(out)
+
+
+def _measure_parity(folder: Path, src: Source) -> dict:
+    from ..data import sample_texts
+    from ..runtime import Encoder
+    from .parity import parity_figures, reference_embeddings
+
+    texts = sample_texts()
+    ours = Encoder(folder).encode(texts)
+    ref, name = reference_embeddings(src.path, texts, src.max_length)
+    return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
+            **parity_figures(ours, ref)}

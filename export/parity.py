@@ -1,0 +1,35 @@
+"""Parity against sentence-transformers (torch, fp32): the reference this project is measured against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = (a64 * b64).sum(1)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return num / np.maximum(den, 1e-300)
+
+
+def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, str]:
+    """sentence-transformers' own embeddings (one text at a time, so no padding is involved)."""
+    from .._extras import require
+
+    st = require("sentence_transformers", "export")
+    model = st.SentenceTransformer(str(model_path), device="cpu")
+    model.max_seq_length = max_length
+    emb = np.stack([model.encode([t], convert_to_numpy=True)[0] for t in texts]).astype(np.float32)
+    return emb, f"sentence-transformers {st.__version__}"
+
+
+def parity_figures(ours: np.ndarray, ref: np.ndarray) -> dict:
+    cos = cosine_rows(ours, ref)
+    return {
+        "texts": int(len(ours)),
+        "min_cosine": float(cos.min()),
+        "max_abs_diff": float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max()),
+    }

@@ -1,0 +1,137 @@
+"""Read a local model folder: sentence-transformers layout or a plain transformers folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Models whose position ids start after the padding index, so two positions are unusable.
+OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "xlm-roberta-xl"}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
+               "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.Sigmoid": "sigmoid",
+               "torch.nn.modules.activation.GELU": "gelu"}
+
+
+@dataclass
+class DenseSpec:
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+
+
+@dataclass
+class Source:
+    """What the exporter needs to know about a model folder."""
+
+    path: Path
+    kind: str  # "sentence-transformers" | "transformers"
+    transformer_path: Path
+    config: dict
+    pooling: list[str]
+    normalize: bool
+    dense: list[DenseSpec] = field(default_factory=list)
+    max_length: int = 512
+    lowercase: bool = False
+
+    def weight_hashes(self) -> dict[str, str]:
+        """sha256 of every weights file the export reads."""
+        out = {}
+        folders = [self.transformer_path] + [d.path for d in self.dense]
+        for folder in folders:
+            for name in WEIGHT_FILES:
+                f = folder / name
+                if f.is_file():
+                    out[str(f.relative_to(self.path))] = sha256_file(f)
+                    break
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def default_max_length(folder: Path, config: dict) -> int:
+    limit = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in OFFSET_POSITION_TYPES:
+        limit -= int(config.get("pad_token_id", 1)) + 1
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        mml = _read_json(tok_cfg).get("model_max_length")
+        if isinstance(mml, (int, float)) and 0 < mml < limit:
+            limit = int(mml)
+    return limit
+
+
+def read_source(path: str | Path) -> Source:
+    """Describe the model in `path`; raise ValueError naming what is missing or unsupported."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder not found: {root} (only local folders are supported)")
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        config_file = root / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{root} has neither modules.json (sentence-transformers) nor config.json (transformers)")
+        config = _read_json(config_file)
+        return Source(root, "transformers", root, config, ["mean"], False,
+                      max_length=default_max_length(root, config))
+
+    transformer_path: Path | None = None
+    pooling: list[str] | None = None
+    normalize = False
+    dense: list[DenseSpec] = []
+    for module in _read_json(modules_file):
+        kind = module["type"].rsplit(".", 1)[-1]
+        folder = (root / module.get("path", "")).resolve()
+        if root not in (folder, *folder.parents):
+            raise ValueError(f"modules.json points outside the model folder: {module.get('path')!r}")
+        if kind == "Transformer":
+            transformer_path = folder
+        elif kind == "Pooling":
+            cfg = _read_json(folder / "config.json")
+            pooling = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
+            if not pooling and cfg.get("pooling_mode"):
+                pooling = [cfg["pooling_mode"]]
+            if cfg.get("include_prompt") is False:
+                raise ValueError("pooling with include_prompt=false is not supported")
+        elif kind == "Normalize":
+            normalize = True
+        elif kind == "Dense":
+            cfg = _read_json(folder / "config.json")
+            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+            if act not in ACTIVATIONS:
+                raise ValueError(f"Dense module {module.get('path')!r}: activation {act} is not supported")
+            dense.append(DenseSpec(folder, int(cfg["in_features"]), int(cfg["out_features"]),
+                                   bool(cfg.get("bias", True)), ACTIVATIONS[act]))
+        else:
+            raise ValueError(f"sentence-transformers module {module['type']} is not supported")
+    if transformer_path is None:
+        raise ValueError(f"{modules_file} names no Transformer module")
+    config = _read_json(transformer_path / "config.json")
+    st_cfg_file = transformer_path / "sentence_bert_config.json"
+    st_cfg = _read_json(st_cfg_file) if st_cfg_file.is_file() else {}
+    max_length = st_cfg.get("max_seq_length") or default_max_length(transformer_path, config)
+    return Source(root, "sentence-transformers", transformer_path, config, pooling or ["mean"], normalize, dense,
+                  int(max_length), bool(st_cfg.get("do_lower_case", False)))

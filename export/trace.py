@@ -1,0 +1,60 @@
+"""Trace the transformer (token embeddings only) to ONNX with torch."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+from .._extras import require
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def load_transformer(folder: Path):
+    """The Hugging Face model in eval mode, fp32, with the plain (eager) attention that exports to standard ops."""
+    require("torch", "export")
+    transformers = require("transformers", "export")
+    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager")
+    return model.float().eval()
+
+
+def uses_token_type_ids(model) -> bool:
+    """True when the model takes token_type_ids and has more than one type embedding."""
+    params = inspect.signature(model.forward).parameters
+    return "token_type_ids" in params and int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
+
+
+def trace_transformer(model, out: Path, input_names: list[str], opset: int, exporter: str) -> None:
+    """Write an ONNX graph mapping `input_names` to `token_embeddings` [batch, seq, hidden]."""
+    torch = require("torch", "export")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+
+    class TokenEmbeddings(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            kwargs = dict(zip(input_names, args))
+            return self.inner(**kwargs, return_dict=True).last_hidden_state
+
+    # Two rows of different real length, so no trace specializes on "no padding".
+    vocab = int(model.config.vocab_size)
+    ids = torch.tensor([[min(5 + i, vocab - 1) for i in range(8)]] * 2, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    example = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    args = tuple(example[n] for n in input_names)
+    kwargs: dict = dict(input_names=input_names, output_names=["token_embeddings"], opset_version=opset)
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
+        kwargs["dynamic_shapes"] = tuple({0: batch, 1: seq} for _ in input_names)
+    else:
+        axes = {0: "batch", 1: "seq"}
+        kwargs["dynamic_axes"] = {n: axes for n in [*input_names, "token_embeddings"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TokenEmbeddings(model), args, str(out), dynamo=exporter == "dynamo",
+                          external_data=False, **kwargs)

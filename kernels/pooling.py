@@ -1,0 +1,105 @@
+"""Masked pooling over the sequence axis: NumPy references and ONNX forms.
+
+Reduction order: every sum over tokens is `tree.tree_reduce` (adjacent pairs, level by level) over
+the token axis, with padded positions replaced by +0.0 (max: by -1e9, as sentence-transformers
+does), so trailing padding of any length contributes identity elements only. Token counts are sums of
+0/1 values, exact in float32 in any order. Everything else is elementwise. The result for a row
+therefore depends only on that row's real tokens: not on batch size, position, padding or threads.
+
+Modes and their meaning follow sentence-transformers' `Pooling` module; several modes are
+concatenated in its order (cls, max, mean, mean_sqrt_len, weightedmean, lasttoken).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .tree import onnx_tree_reduce, tree_reduce
+
+MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
+MASKED_MAX = -1e9  # sentence-transformers' fill value for padded tokens in max pooling
+COUNT_EPS = 1e-9  # sentence-transformers' clamp on the token count
+
+
+def check_modes(modes: Sequence[str]) -> list[str]:
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown pooling mode(s) {bad or list(modes)}; known: {', '.join(MODES)}")
+    return sorted(modes, key=MODES.index)
+
+
+def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+    """NumPy reference defining the exact bits. hidden: float32 [B, T, H]; mask: 0/1 [B, T]."""
+    hidden = np.asarray(hidden, dtype=np.float32)
+    mask = np.asarray(mask)
+    keep = (mask != 0)[:, :, None]
+    count = mask.astype(np.float32).sum(axis=1, keepdims=True)  # integers: exact in any order
+    outs = []
+    for mode in check_modes(modes):
+        if mode == "cls":
+            outs.append(hidden[:, 0, :])
+        elif mode == "max":
+            outs.append(tree_reduce(np.where(keep, hidden, np.float32(MASKED_MAX)), 1, "max", MASKED_MAX))
+        elif mode in ("mean", "mean_sqrt_len"):
+            total = tree_reduce(np.where(keep, hidden, np.float32(0.0)), 1)
+            denom = np.maximum(count, np.float32(COUNT_EPS))
+            outs.append(total / (denom if mode == "mean" else np.sqrt(denom)))
+        elif mode == "weightedmean":
+            w = np.arange(1, hidden.shape[1] + 1, dtype=np.float32)[None, :, None]
+            total = tree_reduce(np.where(keep, hidden * w, np.float32(0.0)), 1)
+            wsum = (mask.astype(np.float32) * w[:, :, 0]).sum(axis=1, keepdims=True)  # integers: exact
+            outs.append(total / np.maximum(wsum, np.float32(COUNT_EPS)))
+        elif mode == "lasttoken":
+            last = np.maximum(count.astype(np.int64)[:, 0] - 1, 0)
+            outs.append(hidden[np.arange(hidden.shape[0]), last, :])
+    return np.concatenate(outs, axis=1).astype(np.float32, copy=False)
+
+
+def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int) -> str:
+    """ONNX form of `pool_reference`: hidden float32 [B, T, H], mask int64 [B, T] -> [B, H·len(modes)]."""
+    keep = sub.op("Unsqueeze", [sub.op("Cast", [mask], "keep_b", to=9), sub.const([2], "ax")], "keep")
+    maskf = sub.op("Cast", [mask], "mask_f", to=1)
+    count = sub.op("ReduceSum", [maskf, sub.const([1], "ax")], "count", keepdims=1)
+    eps = sub.const(np.float32(COUNT_EPS), "eps")
+    zero = sub.const(np.float32(0.0), "zero")
+    outs = []
+    for mode in check_modes(modes):
+        if mode == "cls":
+            outs.append(sub.op("Gather", [hidden, sub.const(np.int64(0), "i0")], "cls", axis=1))
+        elif mode == "max":
+            fill = sub.const(np.float32(MASKED_MAX), "fill")
+            masked = sub.op("Where", [keep, hidden, fill], "masked")
+            outs.append(onnx_tree_reduce(sub, masked, max_length, "max", MASKED_MAX))
+        elif mode in ("mean", "mean_sqrt_len"):
+            masked = sub.op("Where", [keep, hidden, zero], "masked")
+            total = onnx_tree_reduce(sub, masked, max_length)
+            denom = sub.op("Max", [count, eps], "denom")
+            if mode == "mean_sqrt_len":
+                denom = sub.op("Sqrt", [denom], "sqrt_denom")
+            outs.append(sub.op("Div", [total, denom], mode))
+        elif mode == "weightedmean":
+            shape = sub.op("Shape", [maskf], "mshape")
+            length = sub.op("Gather", [shape, sub.const(np.int64(1), "i1")], "len")
+            pos = sub.op("Range", [sub.const(np.int64(1), "one"), sub.op("Add", [length, sub.const(np.int64(1), "one")]),
+                                   sub.const(np.int64(1), "one")], "pos")
+            w = sub.op("Cast", [pos], "w", to=1)
+            w3 = sub.op("Unsqueeze", [w, sub.const([0, 2], "ax")], "w3")
+            weighted = sub.op("Mul", [hidden, w3], "weighted")
+            masked = sub.op("Where", [keep, weighted, zero], "masked")
+            total = onnx_tree_reduce(sub, masked, max_length)
+            wsum = sub.op("ReduceSum", [sub.op("Mul", [maskf, w]), sub.const([1], "ax")], "wsum", keepdims=1)
+            outs.append(sub.op("Div", [total, sub.op("Max", [wsum, eps])], mode))
+        elif mode == "lasttoken":
+            last = sub.op("Sub", [sub.op("Cast", [count], "count_i", to=7), sub.const(np.int64(1), "one")], "last")
+            last = sub.op("Max", [last, sub.const(np.int64(0), "zero_i")], "last")
+            idx = sub.op("Unsqueeze", [last, sub.const([2], "ax")], "last3")  # [B, 1, 1]
+            shape = sub.op("Shape", [hidden], "hshape")
+            hdim = sub.op("Slice", [shape, sub.const([2], "s"), sub.const([3], "e")], "h")
+            b = sub.op("Slice", [shape, sub.const([0], "s"), sub.const([1], "e")], "b")
+            full = sub.op("Concat", [b, sub.const([1], "one"), hdim], "idx_shape", axis=0)
+            idx = sub.op("Expand", [idx, full], "idx")
+            got = sub.op("GatherElements", [hidden, idx], "gathered", axis=1)
+            outs.append(sub.op("Squeeze", [got, sub.const([1], "ax")], mode))
+    return outs[0] if len(outs) == 1 else sub.op("Concat", outs, "pooled", axis=1)

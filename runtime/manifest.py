@@ -1,0 +1,102 @@
+"""The artifact's manifest: the one place that reads pooling, precision and shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "stableembed-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """The artifact folder is missing, damaged, or from an incompatible version."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Typed view of manifest.json; `raw` keeps everything for `info`."""
+
+    folder: Path
+    model_file: Path
+    tokenizer_file: Path
+    inputs: tuple[str, ...]
+    output: str
+    dim: int
+    max_length: int
+    lowercase: bool
+    pooling: tuple[str, ...]
+    normalize: bool
+    precision: str
+    fixed_buckets: tuple[tuple[int, int], ...]
+    pad_id: int
+    raw: dict[str, Any]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inside(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if path.parent != folder or Path(name).is_absolute() or "/" in name or "\\" in name:
+        raise ArtifactError(f"manifest names a file outside the artifact folder: {name!r}")
+    return path
+
+
+def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
+    """Read and check an artifact's manifest; with `check_hashes`, every file's sha256 too."""
+    folder = Path(folder).expanduser().resolve()
+    mfile = folder / MANIFEST
+    if not mfile.is_file():
+        raise ArtifactError(f"{folder} is not a stableembed artifact: {MANIFEST} is missing")
+    try:
+        raw = json.loads(mfile.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{mfile} is damaged: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ArtifactError(f"{mfile} is not a {FORMAT} manifest")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{mfile} has format version {version}; this stableembed reads version "
+                            f"{FORMAT_VERSION} and older: upgrade stableembed to load it")
+    files = raw.get("files", {})
+    for name in ("model.onnx", "tokenizer.json"):
+        if name not in files:
+            raise ArtifactError(f"{mfile} lists no {name}")
+    for name, meta in files.items():
+        path = _inside(folder, name)
+        if not path.is_file():
+            raise ArtifactError(f"artifact file {name} is missing from {folder}")
+        if path.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"artifact file {name} is damaged or truncated: {path.stat().st_size} bytes, "
+                                f"manifest says {meta['bytes']}")
+        if check_hashes and sha256_file(path) != meta["sha256"]:
+            raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
+    try:
+        return Manifest(
+            folder=folder,
+            model_file=folder / "model.onnx",
+            tokenizer_file=folder / "tokenizer.json",
+            inputs=tuple(raw["inputs"]),
+            output=raw["output"],
+            dim=int(raw["dim"]),
+            max_length=int(raw["max_length"]),
+            lowercase=bool(raw.get("lowercase", False)),
+            pooling=tuple(raw["pooling"]),
+            normalize=bool(raw["normalize"]),
+            precision=raw["precision"],
+            fixed_buckets=tuple((int(b), int(t)) for b, t in raw["shapes"]["fixed_buckets"]),
+            pad_id=int(raw.get("pad_id", 0)),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc

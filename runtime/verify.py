@@ -1,0 +1,71 @@
+"""Check the stability guarantee on this machine: the same bits alone, batched, shuffled, fixed or
+dynamic, with 1 or 2 threads, and in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .encoder import Encoder
+
+
+@dataclass
+class StabilityReport:
+    texts: int
+    results: dict[str, int] = field(default_factory=dict)  # variant -> texts bit-identical to alone
+
+    @property
+    def ok(self) -> bool:
+        return all(v == self.texts for v in self.results.values())
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: True where every component has identical bits."""
+    return (np.ascontiguousarray(a).view(np.uint32) == np.ascontiguousarray(b).view(np.uint32)).all(axis=-1)
+
+
+def _fresh_process(path: Path, texts: Sequence[str], threads: int) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "texts.json", Path(tmp) / "out.npy"
+        src.write_text(json.dumps(list(texts)), encoding="utf-8")
+        code = ("import json,sys,numpy as np; from stableembed import Encoder; "
+                "t=json.load(open(sys.argv[2],encoding='utf-8')); "
+                "np.save(sys.argv[3], Encoder(sys.argv[1], threads=int(sys.argv[4])).encode(t, batch_size=16))")
+        subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads)], check=True)
+        return np.load(dst)
+
+
+def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool = True, seed: int = 0) -> StabilityReport:
+    """Encode each text alone (reference), then in many batch arrangements; count identical rows."""
+    path = Path(path)
+    texts = list(texts)
+    report = StabilityReport(len(texts))
+    alone_enc = Encoder(path, threads=1)
+    alone = np.stack([alone_enc.encode(t) for t in texts])
+    rng = random.Random(seed)
+    for mode in ("dynamic", "fixed"):
+        for threads in (1, 2):
+            enc = alone_enc if (mode, threads) == ("dynamic", 1) else Encoder(path, mode=mode, threads=threads,
+                                                                               check_hashes=False)
+            for batch_size in (2, 8, 32):
+                order = list(range(len(texts)))
+                rng.shuffle(order)
+                out = np.empty_like(alone)
+                out[order] = enc.encode([texts[i] for i in order], batch_size=batch_size)
+                key = f"{mode}, {threads} thread(s), batch {batch_size}, shuffled"
+                report.results[key] = int(same_bits(out, alone).sum())
+                if mode == "fixed":
+                    break  # fixed mode's batch sizes come from the buckets
+    if fresh_process:
+        for threads in (1, 2):
+            out = _fresh_process(path, texts, threads)
+            report.results[f"fresh process, {threads} thread(s), batch 16"] = int(same_bits(out, alone).sum())
+    return report

