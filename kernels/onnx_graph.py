@@ -54,12 +54,12 @@ def standalone_model(
     output: str,
     opset: int = 17,
 ) -> onnx.ModelProto:
-    """Wrap a subgraph as a model whose single output is `output` (used by tests and `verify`)."""
+    """Wrap a subgraph as a model whose single [batch, dim] output is `output` (used by the tests)."""
     graph = helper.make_graph(
         sub.nodes,
         "stableembed_kernel",
         [helper.make_tensor_value_info(n, t, list(s)) for n, t, s in inputs],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "dim"])],
         initializer=sub.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-OPS = {"add": (np.add, 0.0), "max": (np.maximum, None)}
+OPS = {"add": (np.add, 0.0), "max": (np.maximum, -np.inf)}  # (operation, identity element)
 
 
 def tree_reduce(x: np.ndarray, axis: int, op: str = "add", identity: float | None = None) -> np.ndarray:

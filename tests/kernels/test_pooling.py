@@ -1,0 +1,111 @@
+"""Pooling and normalization kernels: exact equality with the NumPy reference, batch/padding invariance,
+and agreement in meaning (tolerance) with sentence-transformers' torch formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stableembed.kernels.normalize import normalize_reference, onnx_normalize
+from stableembed.kernels.onnx_graph import Subgraph, standalone_model
+from stableembed.kernels.pooling import MODES, check_modes, onnx_pool, pool_reference
+
+MAX_LEN, H = 48, 12
+MODE_SETS = [[m] for m in MODES] + [["cls", "mean"], ["max", "mean_sqrt_len", "lasttoken"]]
+
+
+def _session(modes, normalize: bool, threads: int) -> ort.InferenceSession:
+    sub = Subgraph("p")
+    out = onnx_pool(sub, "hidden", "mask", modes, MAX_LEN)
+    if normalize:
+        out = onnx_normalize(sub, out, H * len(modes))
+    model = standalone_model(sub, [("hidden", 1, ["b", "t", H]), ("mask", 7, ["b", "t"])], out)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+SESSIONS = {(tuple(m), n, th): _session(m, n, th) for m in MODE_SETS for n in (False, True) for th in (1, 2)}
+
+
+def _reference(hidden, mask, modes, normalize):
+    out = pool_reference(hidden, mask, modes)
+    return normalize_reference(out) if normalize else out
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _batch(rng, lengths, pad_to):
+    hidden = rng.standard_normal((len(lengths), pad_to, H)).astype(np.float32)
+    mask = np.zeros((len(lengths), pad_to), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return hidden, mask
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=6), extra=st.integers(0, 16),
+       modes=st.sampled_from(MODE_SETS), normalize=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**31))
+def test_row_bits_depend_on_row_alone(lengths, extra, modes, normalize, threads, seed) -> None:
+    rng = np.random.default_rng(seed)
+    pad_to = min(max(lengths) + extra, MAX_LEN)
+    hidden, mask = _batch(rng, lengths, pad_to)
+    sess = SESSIONS[(tuple(modes), normalize, threads)]
+    batch = sess.run(None, {"hidden": hidden, "mask": mask})[0]
+    ref = _reference(hidden, mask, modes, normalize)
+    assert (_bits(batch) == _bits(ref)).all()
+    for i, n in enumerate(lengths):
+        # alone, unpadded, and at another position in a reversed batch
+        alone = sess.run(None, {"hidden": hidden[i:i + 1, :n], "mask": mask[i:i + 1, :n]})[0]
+        assert (_bits(alone[0]) == _bits(ref[i])).all()
+    rev = sess.run(None, {"hidden": hidden[::-1].copy(), "mask": mask[::-1].copy()})[0]
+    assert (_bits(rev[::-1]) == _bits(ref)).all()
+
+
+def _torch_formula(hidden, mask, mode):
+    """sentence-transformers' pooling formulas in float64, for meaning (not bits)."""
+    h, m = hidden.astype(np.float64), mask.astype(np.float64)[:, :, None]
+    if mode == "cls":
+        return h[:, 0]
+    if mode == "max":
+        return np.where(m > 0, h, -1e9).max(1)
+    if mode == "mean":
+        return (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    if mode == "mean_sqrt_len":
+        return (h * m).sum(1) / np.sqrt(np.maximum(m.sum(1), 1e-9))
+    if mode == "weightedmean":
+        w = np.arange(1, h.shape[1] + 1)[None, :, None] * m
+        return (h * w).sum(1) / np.maximum(w.sum(1), 1e-9)
+    last = mask.sum(1).astype(int) - 1
+    return h[np.arange(len(h)), last]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_means_what_sentence_transformers_means(mode) -> None:
+    rng = np.random.default_rng(3)
+    hidden, mask = _batch(rng, [1, 5, 17, 48], MAX_LEN)
+    np.testing.assert_allclose(pool_reference(hidden, mask, [mode]), _torch_formula(hidden, mask, mode),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_is_unit_and_zero_safe() -> None:
+    x = np.random.default_rng(5).standard_normal((4, 384)).astype(np.float32)
+    x[3] = 0
+    y = normalize_reference(x)
+    np.testing.assert_allclose(np.linalg.norm(y[:3].astype(np.float64), axis=1), 1.0, rtol=1e-6)
+    assert (y[3] == 0).all()
+
+
+def test_modes_are_checked_and_ordered() -> None:
+    assert check_modes(["mean", "cls"]) == ["cls", "mean"]
+    with pytest.raises(ValueError, match="unknown pooling mode"):
+        check_modes(["median"])
+    assert list(itertools.chain(*MODE_SETS))  # sanity: the parametrization is not empty

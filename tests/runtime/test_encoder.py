@@ -1,0 +1,83 @@
+"""Encoder API: shapes, dtypes, order, errors that name the bad index, and no lost state after an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stableembed import Encoder
+from stableembed.runtime.verify import same_bits
+
+
+@pytest.fixture(scope="module")
+def enc(minilm_artifact):
+    return Encoder(minilm_artifact)
+
+
+def test_shapes(enc) -> None:
+    assert enc.dim == 384 and enc.max_length == 256
+    out = enc.encode(["hello world", "second"])
+    assert out.shape == (2, 384) and out.dtype == np.float32
+    single = enc.encode("hello world")
+    assert single.shape == (384,) and same_bits(single, out[0]).all()
+    empty = enc.encode([])
+    assert empty.shape == (0, 384) and empty.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+
+
+def test_iterables_and_generators(enc) -> None:
+    texts = ["a b", "c d e", "f"]
+    ref = enc.encode(texts)
+    assert same_bits(enc.encode(t for t in texts), ref).all()
+    assert same_bits(enc.encode(tuple(texts)), ref).all()
+
+
+def test_edge_texts_are_finite(enc) -> None:
+    edge = ["", "   ", "\x00", "\t\n\r", "🚀" * 300, "e\u0301" * 50, "שלום עולם", "x" * 100_000]
+    out = enc.encode(edge)
+    assert np.isfinite(out).all()
+    # stripped like sentence-transformers: whitespace-only is the empty string
+    assert same_bits(out[0], out[1]).all()
+
+
+def test_truncation_to_max_length(enc) -> None:
+    words = " ".join(f"word{i}" for i in range(2000))
+    longer = words + " and more words at the very end"
+    assert same_bits(enc.encode(words), enc.encode(longer)).all()
+    assert len(enc.tokenizer.encode([words])[0].ids) == 256
+
+
+@pytest.mark.parametrize("bad, kind, index", [
+    (["ok", None], TypeError, 1), ([3, "ok"], TypeError, 0), (["ok", "ok", b"bytes"], TypeError, 2),
+    (["ok", "bad \ud800 surrogate"], ValueError, 1),
+])
+def test_bad_input_names_index_and_encoder_keeps_working(enc, bad, kind, index) -> None:
+    ref = enc.encode(["ok"])
+    with pytest.raises(kind, match=f"index {index}"):
+        enc.encode(bad)
+    assert same_bits(enc.encode(["ok"]), ref).all()
+
+
+def test_bad_arguments(minilm_artifact, enc) -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Encoder(minilm_artifact, mode="static")
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="threads"):
+        Encoder(minilm_artifact, threads=0)
+
+
+def test_missing_provider_is_an_error_not_a_fallback(minilm_artifact) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        Encoder(minilm_artifact, provider="cuda")
+    with pytest.raises(ValueError, match="unknown provider"):
+        Encoder(minilm_artifact, provider="tpu")
+
+
+def test_progress_bar(enc, capsys) -> None:
+    enc.encode(["a", "b", "c"], show_progress=True)
+    assert "3/3" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""Parity with sentence-transformers (torch, fp32) on the same model: the one place with tolerances.
+
+Stated tolerances: min cosine >= 0.99999 and max |difference| <= 1e-5 per component, on real texts
+(short summaries, long paragraphs beyond max_length, unicode, empty string)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stableembed import Encoder
+from stableembed.export.parity import cosine_rows
+
+MIN_COSINE = 0.99999
+MAX_ABS_DIFF = 1e-5
+
+
+def test_parity_with_sentence_transformers(minilm_dir, minilm_artifact, real_texts) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    ref_model = SentenceTransformer(str(minilm_dir), device="cpu")
+    assert ref_model.max_seq_length == Encoder(minilm_artifact).max_length == 256
+    ref = ref_model.encode(real_texts, batch_size=16, convert_to_numpy=True)
+    ours = Encoder(minilm_artifact).encode(real_texts, batch_size=16)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape == (len(real_texts), 384)
+    assert cosine_rows(ours, ref).min() >= MIN_COSINE
+    assert np.abs(ours - ref).max() <= MAX_ABS_DIFF
+
+
+def test_export_recorded_its_parity(minilm_artifact) -> None:
+    p = Encoder(minilm_artifact).manifest.raw["parity"]
+    assert p["reference"].startswith("sentence-transformers")
+    assert p["texts"] >= 50 and p["min_cosine"] >= MIN_COSINE and p["max_abs_diff"] <= MAX_ABS_DIFF

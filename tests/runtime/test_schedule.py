@@ -1,0 +1,53 @@
+"""Batch planning: every text exactly once, shapes hold their texts, fixed mode uses only the buckets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stableembed.export.artifact import default_buckets, parse_buckets
+from stableembed.runtime.schedule import bucket_length, plan_dynamic, plan_fixed
+
+lengths_st = st.lists(st.integers(2, 256), max_size=200)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_st, batch_size=st.integers(1, 70))
+def test_dynamic_covers_each_text_once_padded_to_own_longest(lengths, batch_size) -> None:
+    plan = plan_dynamic(lengths, batch_size)
+    seen = [i for b in plan for i in b.indices]
+    assert sorted(seen) == list(range(len(lengths)))
+    for b in plan:
+        assert 1 <= len(b.indices) <= batch_size and b.rows == len(b.indices)
+        assert b.length == max(lengths[i] for i in b.indices)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_st)
+def test_fixed_uses_smallest_bucket_and_only_manifest_shapes(lengths) -> None:
+    buckets = [tuple(b) for b in default_buckets(256)]
+    plan = plan_fixed(lengths, buckets)
+    assert sorted(i for b in plan for i in b.indices) == list(range(len(lengths)))
+    bucket_lengths = sorted({t for _, t in buckets})
+    for b in plan:
+        assert (b.rows, b.length) in buckets and len(b.indices) <= b.rows
+        for i in b.indices:
+            assert b.length == min(t for t in bucket_lengths if t >= lengths[i])
+
+
+def test_fixed_remainder_takes_smallest_batch_that_holds_it() -> None:
+    plan = plan_fixed([10] * 41, [(1, 16), (8, 16), (32, 16)])
+    assert [(b.rows, len(b.indices)) for b in plan] == [(32, 32), (32, 9)]
+    plan = plan_fixed([10] * 7, [(1, 16), (8, 16), (32, 16)])
+    assert [(b.rows, len(b.indices)) for b in plan] == [(8, 7)]
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="fits no fixed bucket"):
+        bucket_length(300, [16, 256])
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_dynamic([3], 0)
+    assert parse_buckets("8x16,32X128") == [[8, 16], [32, 128]]
+    with pytest.raises(ValueError, match="BATCHxLENGTH"):
+        parse_buckets("8by16")
