@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
 from .artifact import atomic_folder, default_buckets, write_manifest
-from .source import Source, read_source
+from .source import Source, config_value, read_source
 
 PRECISIONS = ("fp32",)
 
@@ -92,8 +92,8 @@ def export_model(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
             "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
-                             "hidden_size": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
-                             "heads": cfg.get("num_attention_heads")},
+                             "hidden_size": src.hidden_size, "layers": config_value(cfg, "num_hidden_layers"),
+                             "heads": config_value(cfg, "num_attention_heads")},
             "inputs": inputs,
             "output": OUTPUT,
             "dim": dim,

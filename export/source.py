@@ -15,9 +15,14 @@ POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
+# sentence-transformers' names in `pooling_mode` -> ours, where they differ.
+POOLING_NAMES = {"mean_sqrt_len_tokens": "mean_sqrt_len"}
 # Models whose position ids start after the padding index, so two positions are unusable.
 OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "xlm-roberta-xl"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Config keys some architectures spell differently (DistilBERT: dim, n_layers, n_heads).
+CONFIG_ALIASES = {"hidden_size": ("dim", "d_model"), "num_hidden_layers": ("n_layers", "num_layers"),
+                  "num_attention_heads": ("n_heads", "num_heads")}
 ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
                "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.Sigmoid": "sigmoid",
                "torch.nn.modules.activation.GELU": "gelu"}
@@ -46,6 +51,14 @@ class Source:
     max_length: int = 512
     lowercase: bool = False
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the transformer's token embeddings."""
+        value = config_value(self.config, "hidden_size")
+        if value is None:
+            raise ValueError(f"{self.transformer_path / 'config.json'} gives no hidden size")
+        return int(value)
+
     def weight_hashes(self) -> dict[str, str]:
         """sha256 of every weights file the export reads."""
         out = {}
@@ -57,6 +70,14 @@ class Source:
                     out[str(f.relative_to(self.path))] = sha256_file(f)
                     break
         return out
+
+
+def config_value(config: dict, key: str):
+    """config[key], or its spelling under an architecture-specific alias; None when absent."""
+    for name in (key, *CONFIG_ALIASES.get(key, ())):
+        if config.get(name) is not None:
+            return config[name]
+    return None
 
 
 def sha256_file(path: Path) -> str:
@@ -82,6 +103,23 @@ def default_max_length(folder: Path, config: dict) -> int:
         if isinstance(mml, (int, float)) and 0 < mml < limit:
             limit = int(mml)
     return limit
+
+
+def _pooling_modes(cfg: dict) -> list[str]:
+    """Pooling modes in concatenation order, as sentence-transformers reads them: `pooling_mode` (a name or a
+    list, as sentence-transformers >= 6 saves it) wins over the legacy `pooling_mode_*` flags."""
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        return [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    return [POOLING_NAMES.get(m, m) for m in modes]
+
+
+def _check_io_names(module: dict, cfg: dict) -> None:
+    """Dense and Normalize must act on the pooled sentence embedding (their default), not another feature."""
+    for key in ("module_input_name", "module_output_name"):
+        if cfg.get(key, "sentence_embedding") not in (None, "sentence_embedding"):
+            raise ValueError(f"{module['type']} module {module.get('path')!r}: {key}={cfg[key]!r} is not supported")
 
 
 def read_source(path: str | Path) -> Source:
@@ -111,15 +149,18 @@ def read_source(path: str | Path) -> Source:
             transformer_path = folder
         elif kind == "Pooling":
             cfg = _read_json(folder / "config.json")
-            pooling = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
-            if not pooling and cfg.get("pooling_mode"):
-                pooling = [cfg["pooling_mode"]]
+            pooling = _pooling_modes(cfg)
             if cfg.get("include_prompt") is False:
                 raise ValueError("pooling with include_prompt=false is not supported")
         elif kind == "Normalize":
+            cfg_file = folder / "config.json"
+            _check_io_names(module, _read_json(cfg_file) if module.get("path") and cfg_file.is_file() else {})
             normalize = True
         elif kind == "Dense":
             cfg = _read_json(folder / "config.json")
+            _check_io_names(module, cfg)
+            if cfg.get("use_residual"):
+                raise ValueError(f"Dense module {module.get('path')!r}: use_residual=true is not supported")
             act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
             if act not in ACTIVATIONS:
                 raise ValueError(f"Dense module {module.get('path')!r}: activation {act} is not supported")

@@ -50,7 +50,8 @@ def trace_transformer(model, out: Path, input_names: list[str], opset: int, expo
     kwargs: dict = dict(input_names=input_names, output_names=["token_embeddings"], opset_version=opset)
     if exporter == "dynamo":
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
-        kwargs["dynamic_shapes"] = tuple({0: batch, 1: seq} for _ in input_names)
+        # forward(*args) is one var-positional parameter: its shapes are one tuple, one entry per input
+        kwargs["dynamic_shapes"] = (tuple({0: batch, 1: seq} for _ in input_names),)
     else:
         axes = {0: "batch", 1: "seq"}
         kwargs["dynamic_axes"] = {n: axes for n in [*input_names, "token_embeddings"]}
