@@ -15,15 +15,20 @@ class Batch:
     rows: int
 
 
-def plan_dynamic(lengths: Sequence[int], batch_size: int) -> list[Batch]:
-    """Longest first, `batch_size` texts a batch, each padded to its own longest text."""
+def plan_dynamic(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[Batch]:
+    """Longest first; a batch closes at `batch_size` texts or when its padded size (rows x its longest
+    text) would pass `max_tokens`; each batch is padded to its own longest text."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out = []
-    for start in range(0, len(order), batch_size):
-        idx = tuple(order[start:start + batch_size])
-        out.append(Batch(idx, max(lengths[i] for i in idx), len(idx)))
+    out: list[Batch] = []
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]]  # sorted: the first text is the batch's longest
+        rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(longest, 1)))
+        idx = tuple(order[start:start + rows])
+        out.append(Batch(idx, longest, len(idx)))
+        start += rows
     return out
 
 

@@ -39,17 +39,8 @@ HEAD_CASES = [  # heads share one architecture (BERT) to keep the run short
 CASES = ARCH_CASES + HEAD_CASES
 CASE_IDS = [c.id for c in CASES]
 
-# runtime/tokenize.py strips each text; sentence-transformers 6 no longer does. For tokenizers that drop
-# whitespace anyway (WordPiece, the XLM-R pre-tokenizer) this changes nothing; for byte-level BPE
-# (RoBERTa) leading and trailing whitespace are tokens, so the embeddings differ from the reference.
-WHITESPACE_XFAIL = pytest.mark.xfail(
-    reason="runtime strips texts; sentence-transformers >= 6 does not, and byte-level BPE keeps the spaces",
-    strict=False)
-
-
-def _case_param(case: Case, whitespace_sensitive: bool = False):
-    marks = [WHITESPACE_XFAIL] if whitespace_sensitive and ARCHS[case.arch].tokenizer == "bpe" else []
-    return pytest.param(case, id=case.id, marks=marks)
+def _case_param(case: Case):
+    return pytest.param(case, id=case.id)
 
 
 def parity_texts() -> list[str]:
@@ -146,7 +137,7 @@ def test_parity_with_sentence_transformers(case: Case, tiny_zoo, st_reference) -
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [_case_param(c, whitespace_sensitive=True) for c in ARCH_CASES])
+@pytest.mark.parametrize("case", [_case_param(c) for c in ARCH_CASES])
 def test_recorded_parity(case: Case, tiny_zoo) -> None:
     """The figures export_model measured on the bundled sample (which has whitespace-padded lines)."""
     art, _ = tiny_zoo.artifact(case)
@@ -155,7 +146,7 @@ def test_recorded_parity(case: Case, tiny_zoo) -> None:
     assert parity["min_cosine"] >= MIN_COSINE and parity["max_abs_diff"] <= MAX_ABS_DIFF, parity
 
 
-@pytest.mark.parametrize("case", [_case_param(c, whitespace_sensitive=True) for c in ARCH_CASES])
+@pytest.mark.parametrize("case", [_case_param(c) for c in ARCH_CASES])
 def test_parity_surrounding_whitespace(case: Case, tiny_zoo, st_reference) -> None:
     texts = ["  leading spaces", "trailing spaces   ", "\ttabs\t", " both sides ", "inner   spaces stay"]
     art, _ = tiny_zoo.artifact(case)

@@ -36,7 +36,7 @@ def test_edge_texts_are_finite(enc) -> None:
     edge = ["", "   ", "\x00", "\t\n\r", "🚀" * 300, "e\u0301" * 50, "שלום עולם", "x" * 100_000]
     out = enc.encode(edge)
     assert np.isfinite(out).all()
-    # stripped like sentence-transformers: whitespace-only is the empty string
+    # BERT's tokenizer drops whitespace: whitespace-only is the empty string
     assert same_bits(out[0], out[1]).all()
 
 

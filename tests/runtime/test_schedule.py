@@ -51,3 +51,13 @@ def test_errors() -> None:
     assert parse_buckets("8x16,32X128") == [[8, 16], [32, 128]]
     with pytest.raises(ValueError, match="BATCHxLENGTH"):
         parse_buckets("8by16")
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_st, batch_size=st.integers(1, 70), max_tokens=st.integers(1, 5000))
+def test_dynamic_token_budget(lengths, batch_size, max_tokens) -> None:
+    plan = plan_dynamic(lengths, batch_size, max_tokens)
+    assert sorted(i for b in plan for i in b.indices) == list(range(len(lengths)))
+    for b in plan:
+        assert b.rows <= batch_size
+        assert b.rows * b.length <= max_tokens or b.rows == 1  # a single text always runs
