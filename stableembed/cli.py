@@ -38,21 +38,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .runtime import Encoder
 
-    texts = _read_texts(args)
     enc = Encoder(args.artifact, mode=args.mode, threads=args.threads)
+    if args.output is not None:
+        if args.texts:
+            raise ValueError("with --output, read texts from --input (a file, or - for stdin)")
+        from .streaming import embed_file
+
+        n = embed_file(enc, args.input, args.output, resume=args.resume, chunk_size=args.chunk_size,
+                       batch_size=args.batch_size, progress=args.progress)
+        print(f"wrote {n} embeddings to {args.output}", file=sys.stderr)
+        return 0
+    texts = _read_texts(args)
     progress = args.progress if args.progress is not None else len(texts) >= 1000
-    emb = enc.encode(texts, batch_size=args.batch_size, show_progress=progress)
-    if args.output is None:
-        for row in emb:
-            print(json.dumps([float(v) for v in row]))
-    elif args.output.endswith(".npy"):
-        np.save(args.output, emb)
-    elif args.output.endswith(".jsonl"):
-        with open(args.output, "w", encoding="utf-8") as f:
-            for text, row in zip(texts, emb):
-                f.write(json.dumps({"text": text, "embedding": [float(v) for v in row]}, ensure_ascii=False) + "\n")
-    else:
-        raise SystemExit(f"--output must end in .npy or .jsonl: {args.output}")
+    for row in enc.encode(texts, batch_size=args.batch_size, show_progress=progress):
+        print(json.dumps([float(v) for v in row]))
     return 0
 
 
@@ -183,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--batch-size", type=int, default=32)
     emb.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: on for 1,000 texts or more)")
+    emb.add_argument("--resume", action="store_true",
+                     help="continue an interrupted --output run without recomputing what was written")
+    emb.add_argument("--chunk-size", type=int, default=4096, help="texts held in memory at once with --output")
     ver = sub.choices["verify"]
     ver.add_argument("--parity", metavar="SOURCE", default=None,
                      help="also compare with sentence-transformers on this model folder (needs the export extra)")

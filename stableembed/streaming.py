@@ -1,0 +1,134 @@
+"""Embed a text file (one text per line) to .npy or .jsonl in bounded memory, resumably.
+
+Memory: one chunk of texts and their embeddings at a time (chunk_size x dim float32), whatever the
+file's length. Progress is durable per chunk: .jsonl output is appended and flushed, .npy rows are
+written in place into a preallocated file and a sidecar `OUT.progress` records how many rows are done.
+`resume=True` continues after the last complete chunk without recomputing what was written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from .runtime import Encoder
+
+
+def _lines(stream: IO[str]) -> Iterator[str]:
+    """Lines split on \n only (as _count_lines counts them), without their \n or \r\n ending."""
+    for line in stream:
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        yield line
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            n += 1
+    return n
+
+
+def _jsonl_done(path: Path) -> int:
+    """Complete lines in an existing .jsonl output; a torn last line is cut off."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return data[:keep].count(b"\n")
+
+
+def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = False, chunk_size: int = 4096,
+               batch_size: int = 32, progress: bool | None = None) -> int:
+    """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now."""
+    out = Path(output)
+    if out.suffix not in (".npy", ".jsonl"):
+        raise ValueError(f"output must end in .npy or .jsonl: {output}")
+    from_stdin = source in (None, "-")
+    if out.suffix == ".npy" and from_stdin:
+        raise ValueError(".npy output needs the row count up front: read from a file, or write .jsonl")
+    total = None if from_stdin else _count_lines(Path(source))  # type: ignore[arg-type]
+    stream = sys.stdin if from_stdin else open(source, encoding="utf-8", newline="\n")  # type: ignore[arg-type]
+    with stream:
+        texts = _lines(stream)
+        if out.suffix == ".jsonl":
+            done = _jsonl_done(out) if resume else 0
+            sink = open(out, "a" if resume else "w", encoding="utf-8")
+        else:
+            done, sink = _open_npy(out, total or 0, enc.dim, resume)
+        texts = itertools.islice(texts, done, None)
+        show = progress if progress is not None else (total or 0) >= 1000
+        written = 0
+        with sink:
+            for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done):
+                if out.suffix == ".jsonl":
+                    sink.write("".join(json.dumps({"text": t, "embedding": [float(v) for v in row]},
+                                                  ensure_ascii=False) + "\n" for t, row in zip(chunk_texts, emb)))
+                else:
+                    sink.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+                sink.flush()
+                os.fsync(sink.fileno())
+                written += len(emb)
+                if out.suffix == ".npy":
+                    _progress_file(out).write_text(json.dumps({"rows_done": done + written, "rows": total}))
+        if out.suffix == ".npy":
+            _progress_file(out).unlink(missing_ok=True)
+    return written
+
+
+def _chunks(enc: Encoder, texts: Iterator[str], chunk_size: int, batch_size: int, show: bool,
+            total: int | None, done: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, unit="text", desc="embedding")
+    try:
+        offset = done
+        while True:
+            chunk = list(itertools.islice(texts, chunk_size))
+            if not chunk:
+                return
+            yield chunk, enc._encode_chunk(chunk, offset, batch_size)
+            offset += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_file(out: Path) -> Path:
+    return out.with_name(out.name + ".progress")
+
+
+def _open_npy(out: Path, rows: int, dim: int, resume: bool) -> tuple[int, IO[bytes]]:
+    done = 0
+    if resume and out.exists() and _progress_file(out).exists():
+        state = json.loads(_progress_file(out).read_text())
+        if state.get("rows") != rows:
+            raise ValueError(f"cannot resume {out}: it was started for {state.get('rows')} rows, the input has {rows}")
+        done = int(state["rows_done"])
+    elif resume and out.exists():
+        arr = np.load(out, mmap_mode="r")
+        if arr.shape == (rows, dim):
+            return rows, open(os.devnull, "wb")  # finished earlier: nothing to do
+        raise ValueError(f"cannot resume {out}: no progress record and its shape is {arr.shape}")
+    else:
+        np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
+        _progress_file(out).write_text(json.dumps({"rows_done": 0, "rows": rows}))
+    f = open(out, "r+b")
+    np.lib.format.read_magic(f)
+    np.lib.format.read_array_header_1_0(f)
+    f.seek(f.tell() + done * dim * 4)
+    return done, f

@@ -1,0 +1,69 @@
+"""CLI streaming to .npy/.jsonl: same bits as encode, resumable after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stableembed import Encoder
+from stableembed.cli import main
+from stableembed.runtime.verify import same_bits
+from stableembed.streaming import embed_file
+
+
+@pytest.fixture(scope="module")
+def enc(minilm_artifact):
+    return Encoder(minilm_artifact, check_hashes=False)
+
+
+@pytest.fixture
+def corpus(tmp_path, real_texts):
+    texts = [t.replace("\n", " ") for t in real_texts[:70]]
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(texts), encoding="utf-8")  # no trailing newline on purpose
+    return path, texts
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_interrupted_run_resumes_without_recomputing(enc, corpus, tmp_path, suffix, monkeypatch) -> None:
+    path, texts = corpus
+    out = tmp_path / f"out{suffix}"
+    ref = enc.encode(texts)
+    calls = {"n": 0}
+    real = enc._encode_chunk
+
+    def dying(chunk, offset, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(chunk, offset, batch_size)
+
+    monkeypatch.setattr(enc, "_encode_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_file(enc, str(path), str(out), chunk_size=16)
+    monkeypatch.setattr(enc, "_encode_chunk", real)
+    if suffix == ".jsonl":
+        with open(out, "a", encoding="utf-8") as f:
+            f.write('{"text": "torn')  # a torn last line from the crash
+    assert embed_file(enc, str(path), str(out), chunk_size=16, resume=True) == len(texts) - 32
+    if suffix == ".npy":
+        got = np.load(out)
+        assert not (tmp_path / "out.npy.progress").exists()
+    else:
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["text"] for r in rows] == texts
+        got = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    assert got.shape == ref.shape and same_bits(got, ref).all()
+    assert embed_file(enc, str(path), str(out), resume=True) == 0  # finished: nothing left
+
+
+def test_cli_streaming_and_errors(minilm_artifact, corpus, tmp_path, capsys) -> None:
+    path, texts = corpus
+    assert main(["embed", str(minilm_artifact), "-i", str(path), "-o", str(tmp_path / "o.npy"), "--chunk-size", "7"]) == 0
+    assert same_bits(np.load(tmp_path / "o.npy"), Encoder(minilm_artifact).encode(texts)).all()
+    assert main(["embed", str(minilm_artifact), "-i", "-", "-o", str(tmp_path / "o2.npy")]) == 2
+    assert ".npy output needs the row count" in capsys.readouterr().err
+    assert main(["embed", str(minilm_artifact), "-o", str(tmp_path / "o.csv"), "-i", str(path)]) == 2
+    assert "must end in .npy or .jsonl" in capsys.readouterr().err
