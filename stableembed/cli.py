@@ -152,6 +152,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_build_trt(args: argparse.Namespace) -> int:
+    from .export.tensorrt import build_engines, plan_build
+
+    if args.dry_run:
+        plan = plan_build(args.artifact, fp16=args.fp16, profiles=args.profiles, static_batches=args.static_batches)
+        print(json.dumps(plan, indent=2))
+        return 1 if plan["problems"] else 0
+    m = build_engines(args.artifact, fp16=args.fp16, profiles=args.profiles, static_batches=args.static_batches,
+                      rebuild=args.rebuild, static=not args.no_static, workspace_gb=args.workspace_gb)
+    sec = m.raw["tensorrt"]
+    print(f"built {len(sec['engines'])} {sec['precision']} TensorRT engines into {m.folder} (TensorRT "
+          f"{sec['tensorrt_version']}, {sec['gpu']}, compute capability {sec['compute_capability']}, "
+          f"distributive independence {sec['distributive_independence']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stableembed", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--parity", metavar="SOURCE", default=None,
                      help="also compare with sentence-transformers on this model folder (needs the export extra)")
     ver.add_argument("--no-subprocess", action="store_true", help="skip the fresh-process check")
+
+    t = sub.add_parser("build-trt", help="build TensorRT engines into an artifact (needs the tensorrt extra and a GPU)")
+    t.add_argument("artifact")
+    t.add_argument("--fp16", action="store_true", help="fp16 transformer (pooling and normalization stay fp32)")
+    t.add_argument("--profiles", default=None,
+                   help="dynamic engine profiles MINBxMINL:OPTBxOPTL:MAXBxMAXL[,...] (default 1x1:32x128:64xMAX_LENGTH)")
+    t.add_argument("--static-batches", default="largest", choices=["largest", "all"],
+                   help="static engines: one per bucket length at its largest batch (default), or one per bucket")
+    t.add_argument("--no-static", action="store_true", help="build only the dynamic engine")
+    t.add_argument("--rebuild", action="store_true", help="replace the artifact's existing engines")
+    t.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan and check the graph TensorRT would parse (no TensorRT needed)")
+    t.set_defaults(func=cmd_build_trt)
 
     i = sub.add_parser("info", help="print an artifact's manifest")
     i.add_argument("artifact")

@@ -1,7 +1,14 @@
 """Backends: a loader turns an artifact into a runner; the runner maps input arrays to embeddings.
 
-Every backend module exposes `load(manifest, threads) -> Backend`. Selection is explicit: a provider
-that is not available raises, it never falls back to another.
+Every backend module exposes `load(manifest, provider, threads) -> Backend`. Selection is explicit: a
+provider that is not available raises, it never falls back to another (and never to the CPU).
+
+Which module serves which provider:
+  - "cpu": onnxruntime's CPU EP (backends/onnxruntime.py);
+  - "cuda": onnxruntime's CUDA EP (needs onnxruntime-gpu; backends/ort_gpu.py);
+  - "tensorrt": the artifact's own TensorRT engines when its manifest has a "tensorrt" section (written
+    by `stableembed build-trt`; backends/tensorrt.py, needs the `tensorrt` extra, and a missing extra or
+    engines built for another GPU/TensorRT raise), otherwise onnxruntime's TensorRT EP (ort_gpu.py).
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ class Backend(Protocol):
 def load_backend(manifest: Manifest, provider: str = "cpu", threads: int | None = None) -> Backend:
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "tensorrt":
+        from . import tensorrt as trt_backend
+
+        if trt_backend.read_section(manifest.raw) is not None:
+            return trt_backend.load(manifest, provider, threads)
     from . import onnxruntime as ort_backend
 
     return ort_backend.load(manifest, provider, threads)

@@ -37,8 +37,12 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def load(manifest: Manifest, provider: str, threads: int | None) -> OrtBackend:
     wanted = ORT_PROVIDERS[provider]
     if wanted not in ort.get_available_providers():
-        raise RuntimeError(
-            f"provider {provider!r} needs onnxruntime's {wanted}, which this onnxruntime does not have "
-            f"(available: {', '.join(ort.get_available_providers())}); for GPUs install onnxruntime-gpu")
+        from .ort_gpu import missing_provider_message
+
+        raise RuntimeError(missing_provider_message(provider, wanted, ort.get_available_providers()))
+    if provider != "cpu":  # CUDA / TensorRT EPs: provider options, fixed shapes, CUDA graphs
+        from .ort_gpu import OrtGpuBackend
+
+        return OrtGpuBackend(manifest, provider, threads)  # type: ignore[return-value]
     session = ort.InferenceSession(str(manifest.model_file), session_options(threads), providers=[wanted])
     return OrtBackend(session, manifest.output, provider)
