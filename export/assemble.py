@@ -9,7 +9,7 @@ import numpy as np
 from .._extras import require
 from ..kernels.normalize import onnx_normalize
 from ..kernels.onnx_graph import Subgraph
-from ..kernels.pooling import check_modes, onnx_pool
+from ..kernels.pooling import onnx_pool
 from .source import DenseSpec, Source
 
 OUTPUT = "sentence_embedding"
@@ -59,11 +59,7 @@ def assemble(transformer_onnx: Path, source: Source, out: Path) -> int:
     model = onnx.load(str(transformer_onnx))
     graph = model.graph
     sub = Subgraph("stableembed")
-    if list(source.pooling) == check_modes(source.pooling):
-        x = onnx_pool(sub, "token_embeddings", "attention_mask", source.pooling, source.max_length)
-    else:  # sentence-transformers concatenates in the configured order; onnx_pool uses the canonical one
-        parts = [onnx_pool(sub, "token_embeddings", "attention_mask", [m], source.max_length) for m in source.pooling]
-        x = sub.op("Concat", parts, "pooled", axis=1)
+    x = onnx_pool(sub, "token_embeddings", "attention_mask", source.pooling, source.max_length)
     dim = source.hidden_size * len(source.pooling)
     for spec in source.dense:
         if spec.in_features != dim:

@@ -7,7 +7,7 @@ does), so trailing padding of any length contributes identity elements only. Tok
 therefore depends only on that row's real tokens: not on batch size, position, padding or threads.
 
 Modes and their meaning follow sentence-transformers' `Pooling` module; several modes are
-concatenated in its order (cls, max, mean, mean_sqrt_len, weightedmean, lasttoken).
+concatenated in the order the model's pooling config gives them, as sentence-transformers does.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ COUNT_EPS = 1e-9  # sentence-transformers' clamp on the token count
 
 
 def check_modes(modes: Sequence[str]) -> list[str]:
+    """The modes, in their given order; ValueError for an unknown one or none."""
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"unknown pooling mode(s) {bad or list(modes)}; known: {', '.join(MODES)}")
-    return sorted(modes, key=MODES.index)
+    return list(modes)
 
 
 def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -> np.ndarray:

@@ -51,7 +51,7 @@ class Encoder:
 
     def __init__(self, path: str | Path, mode: str = "dynamic", threads: int | None = None,
                  provider: str = "cpu", check_hashes: bool = True, truncate: bool = True,
-                 max_batch_tokens: int = 4096):
+                 max_batch_tokens: int = 2048):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)

@@ -15,21 +15,39 @@ class Batch:
     rows: int
 
 
+# Cost model for cutting length-sorted texts into batches, in token-equivalents: a batch costs its
+# padded size, but never less than SMALL_BATCH_TOKENS (a tiny GEMM runs far below peak), plus a fixed
+# per-run overhead. Results never depend on how texts are batched, so any cut is safe.
+SMALL_BATCH_TOKENS = 512
+RUN_OVERHEAD_TOKENS = 16
+
+
 def plan_dynamic(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[Batch]:
-    """Longest first; a batch closes at `batch_size` texts or when its padded size (rows x its longest
-    text) would pass `max_tokens`; each batch is padded to its own longest text."""
+    """Sort by length (longest first) and cut into batches of at most `batch_size` texts and at most
+    `max_tokens` padded tokens (a single text always runs), choosing the cuts that minimize the total
+    padded work by dynamic programming: a long text no longer pads a batch of short ones."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    sizes = [int(lengths[i]) for i in order]
+    n = len(sizes)
+    best = [0.0] + [float("inf")] * n  # best[k]: least cost of the first k sorted texts
+    cut = [0] * (n + 1)
+    for j in range(n):  # a batch starting at j is padded to sizes[j], the longest in it
+        longest = sizes[j]
+        cap = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(longest, 1)))
+        base = best[j] + RUN_OVERHEAD_TOKENS
+        for rows in range(1, min(n - j, cap) + 1):
+            cost = base + max(rows * longest, SMALL_BATCH_TOKENS)
+            if cost < best[j + rows]:
+                best[j + rows], cut[j + rows] = cost, j
     out: list[Batch] = []
-    start = 0
-    while start < len(order):
-        longest = lengths[order[start]]  # sorted: the first text is the batch's longest
-        rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(longest, 1)))
-        idx = tuple(order[start:start + rows])
-        out.append(Batch(idx, longest, len(idx)))
-        start += rows
-    return out
+    k = n
+    while k > 0:
+        j = cut[k]
+        out.append(Batch(tuple(order[j:k]), sizes[j], k - j))
+        k = j
+    return out[::-1]
 
 
 def bucket_length(n_tokens: int, lengths: Sequence[int]) -> int:

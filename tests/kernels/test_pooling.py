@@ -16,7 +16,7 @@ from stableembed.kernels.onnx_graph import Subgraph, standalone_model
 from stableembed.kernels.pooling import MODES, check_modes, onnx_pool, pool_reference
 
 MAX_LEN, H = 48, 12
-MODE_SETS = [[m] for m in MODES] + [["cls", "mean"], ["max", "mean_sqrt_len", "lasttoken"]]
+MODE_SETS = [[m] for m in MODES] + [["mean", "cls"], ["max", "mean_sqrt_len", "lasttoken"]]
 
 
 def _session(modes, normalize: bool, threads: int) -> ort.InferenceSession:
@@ -105,7 +105,7 @@ def test_normalize_is_unit_and_zero_safe() -> None:
 
 
 def test_modes_are_checked_and_ordered() -> None:
-    assert check_modes(["mean", "cls"]) == ["cls", "mean"]
+    assert check_modes(["mean", "cls"]) == ["mean", "cls"]  # the config's order, as sentence-transformers
     with pytest.raises(ValueError, match="unknown pooling mode"):
         check_modes(["median"])
     assert list(itertools.chain(*MODE_SETS))  # sanity: the parametrization is not empty
