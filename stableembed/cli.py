@@ -1,4 +1,4 @@
-"""The `stableembed` command: export, embed, verify, info, demo."""
+"""The `stableembed` command: export, embed, verify, info, demo, serve."""
 
 from __future__ import annotations
 
@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="artifacts/all-MiniLM-L6-v2")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)
+
+    from .serve.server import add_serve_parser  # flags only; uvicorn and starlette load when it runs
+
+    add_serve_parser(sub)
     return p
 
 

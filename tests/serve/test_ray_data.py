@@ -1,0 +1,94 @@
+"""The Ray Data recipe on a local cluster: files -> actor pool of Encoders -> Parquet, and the vectors equal
+the single-process Encoder's bit for bit whatever the partitioning, actor count or batch size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from stableembed.runtime.verify import same_bits  # noqa: E402
+from stableembed.serve.ray_data import embed_files_to_parquet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # 4 logical CPUs on any machine: the actor pools below take 1 or 2, reads and writes the rest.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(real_texts, tmp_path_factory):
+    """~200 texts: the real mix (empty, unicode, control characters, over-long) and more short ones."""
+    short = (Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "short.txt").read_text(
+        encoding="utf-8").splitlines()
+    texts = list(dict.fromkeys(real_texts + short[:100]))[:210]  # distinct: ids below are list positions
+    folder = tmp_path_factory.mktemp("corpus")
+    parts = [texts[0::3], texts[1::3], texts[2::3]]
+    jsonl = []
+    for k, part in enumerate(parts):
+        path = folder / f"part-{k}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for text in part:
+                f.write(json.dumps({"id": texts.index(text), "text": text}) + "\n")
+        jsonl.append(str(path))
+    lines = [t for t in texts if t and "\n" not in t and "\r" not in t]  # one text a line
+    txt = []
+    for k in range(2):
+        path = folder / f"part-{k}.txt"
+        path.write_text("\n".join(lines[k::2]) + "\n", encoding="utf-8")
+        txt.append(str(path))
+    return texts, jsonl, lines, txt
+
+
+def _read(folder) -> tuple[dict, np.ndarray]:
+    table = pq.read_table(str(folder))
+    emb = table.column("embedding").combine_chunks()
+    vectors = emb.flatten().to_numpy().reshape(len(table), emb.type.list_size)
+    return table.to_pydict(), vectors
+
+
+@pytest.mark.slow
+def test_parquet_vectors_equal_single_process_whatever_the_partitioning(local_ray, corpus, minilm_artifact,
+                                                                        reference, tmp_path) -> None:
+    texts, jsonl, lines, txt = corpus
+    assert len(texts) >= 200
+    ref = reference(texts)
+    runs = {"one block, one actor": dict(num_blocks=1, num_actors=1, batch_rows=512, batch_size=32),
+            "five blocks, two actors, tiny batches": dict(num_blocks=5, num_actors=2, batch_rows=7, batch_size=3)}
+    for name, kwargs in runs.items():
+        out = embed_files_to_parquet(jsonl, minilm_artifact, tmp_path / name.replace(" ", "_"), **kwargs)
+        cols, vectors = _read(out)
+        assert sorted(cols["id"]) == list(range(len(texts))), name
+        assert [texts[i] for i in cols["id"]] == cols["text"], name
+        assert vectors.dtype == np.float32 and vectors.shape == (len(texts), 384)
+        assert same_bits(vectors, ref[cols["id"]]).all(), name
+
+    # text files, one text a line, Ray's own partitioning
+    out = embed_files_to_parquet(txt, minilm_artifact, tmp_path / "txt", num_actors=2, batch_rows=32,
+                                 include_paths=True)
+    cols, vectors = _read(out)
+    assert sorted(cols["text"]) == sorted(lines)
+    assert {p.rsplit("/", 1)[-1] for p in cols["path"]} == {"part-0.txt", "part-1.txt"}
+    by_text = dict(zip(texts, ref))
+    assert same_bits(vectors, np.stack([by_text[t] for t in cols["text"]])).all()
+
+
+def test_pool_that_takes_every_cpu_is_refused(local_ray, minilm_artifact, corpus) -> None:
+    with pytest.raises(ValueError, match="leave none for reading"):
+        embed_files_to_parquet(corpus[1], minilm_artifact, "/nonexistent", num_actors=4)
+
+
+def test_mixed_inputs_are_refused(local_ray, corpus) -> None:
+    with pytest.raises(ValueError, match="all text files"):
+        embed_files_to_parquet(corpus[1] + corpus[3], "unused", "/nonexistent")

@@ -1,0 +1,233 @@
+"""The OpenAI-compatible server on the real model, through the official `openai` client and raw HTTP:
+formats, `dimensions`, usage, bit-identity with the offline Encoder under concurrent load, OpenAI-shaped
+errors, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from serve_helpers import error_of  # noqa: E402
+
+from stableembed import Encoder  # noqa: E402
+from stableembed.runtime.verify import same_bits  # noqa: E402
+from stableembed.serve import BackgroundServer, ServeConfig, create_app, truncate_dimensions  # noqa: E402
+
+MODEL = "minilm-test"
+CONFIG = ServeConfig(max_inputs=64, max_body_bytes=256 * 1024, max_wait_ms=20)
+
+
+@pytest.fixture(scope="module")
+def server(serve_encoder):
+    app = create_app(serve_encoder, CONFIG, model_names=[MODEL, "alias"])
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _texts(real_texts: list[str]) -> list[str]:
+    return [t for t in real_texts if t]  # OpenAI refuses empty strings, and so do we
+
+
+def test_list_and_str_inputs_default_base64_and_float(client, reference, real_texts) -> None:
+    texts = _texts(real_texts)[:40]
+    ref = reference(texts)
+    # The openai client asks for base64 by default and decodes it itself.
+    r = client.embeddings.create(model=MODEL, input=texts)
+    assert r.object == "list" and r.model == MODEL and len(r.data) == len(texts)
+    assert [d.index for d in r.data] == list(range(len(texts)))
+    assert same_bits(np.array([d.embedding for d in r.data], dtype=np.float32), ref).all()
+    # Floats in JSON round-trip to the same float32 bits.
+    r = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert same_bits(np.array([d.embedding for d in r.data], dtype=np.float32), ref).all()
+    # Explicit base64: the raw little-endian float32 bytes.
+    r = client.embeddings.create(model=MODEL, input=texts[:3], encoding_format="base64")
+    got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in r.data])
+    assert same_bits(got, ref[:3]).all()
+    # A single string.
+    r = client.embeddings.create(model="alias", input=texts[5], encoding_format="float")
+    assert len(r.data) == 1 and r.model == MODEL
+    assert same_bits(np.array(r.data[0].embedding, dtype=np.float32), ref[5]).all()
+
+
+def test_usage_counts_tokens(client, serve_encoder) -> None:
+    texts = ["a short one", "Ein etwas längerer deutscher Satz mit Umlauten.", "🚀 " * 300]  # last: truncated
+    r = client.embeddings.create(model=MODEL, input=texts)
+    counts = [len(e.ids) for e in serve_encoder.tokenizer.encode(texts)]
+    assert counts[0] == 5 and counts[2] == serve_encoder.max_length  # [CLS] a short one [SEP]; truncated
+    expected = sum(counts)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == expected
+
+
+def test_dimensions_truncate_and_renormalize(client, http, reference, real_texts, serve_encoder) -> None:
+    texts = _texts(real_texts)[:10]
+    ref = reference(texts)
+    for dims in (1, 64, 383):
+        r = client.embeddings.create(model=MODEL, input=texts, dimensions=dims)
+        got = np.array([d.embedding for d in r.data], dtype=np.float32)
+        assert got.shape == (len(texts), dims)
+        assert same_bits(got, truncate_dimensions(ref, dims, normalize=True)).all()
+        assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+        # per row: the truncated vector of a text does not depend on its companions either
+        assert same_bits(got[3], truncate_dimensions(ref[3:4], dims, normalize=True)[0]).all()
+    full = client.embeddings.create(model=MODEL, input=texts, dimensions=serve_encoder.dim)
+    assert same_bits(np.array([d.embedding for d in full.data], dtype=np.float32), ref).all()
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=MODEL, input=texts, dimensions=serve_encoder.dim + 1)
+    assert exc.value.status_code == 400 and "dimensions" in str(exc.value)
+    for bad in (0, -3, "64", True, 1.5):
+        res = http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": bad})
+        assert res.status_code == 400 and error_of(res)["param"] == "dimensions", bad
+
+
+def test_concurrent_requests_are_bit_identical_to_offline(server, reference, real_texts) -> None:
+    texts = _texts(real_texts)
+    ref = reference(texts)
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        for j in range(6):
+            start = (k * 13 + j * 7) % len(texts)
+            n = 1 + (k + j) % 5
+            idx = [(start + i) % len(texts) for i in range(n)]
+            fmt = "float" if (k + j) % 2 else "base64"
+            r = c.embeddings.create(model=MODEL, input=[texts[i] for i in idx], encoding_format=fmt)
+            if fmt == "float":
+                got = np.array([d.embedding for d in r.data], dtype=np.float32)
+            else:
+                got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in r.data])
+            if not same_bits(got, ref[idx]).all():
+                failures.append(f"worker {k} call {j}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "stableembed_batch_requests_count" in metrics
+
+
+@pytest.mark.parametrize("payload, status, param, fragment", [
+    ({"model": MODEL, "input": []}, 400, "input", "empty list"),
+    ({"model": MODEL, "input": ""}, 400, "input", "empty string"),
+    ({"model": MODEL, "input": ["ok", ""]}, 400, "input", "input[1]"),
+    ({"model": MODEL, "input": ["ok", 3]}, 400, "input", "input[1]"),
+    ({"model": MODEL, "input": ["ok", None]}, 400, "input", "input[1]"),
+    ({"model": MODEL, "input": ["ok", ["nested"]]}, 400, "input", "input[1]"),
+    ({"model": MODEL, "input": [101, 2023, 102]}, 400, "input", "token-id arrays"),
+    ({"model": MODEL, "input": None}, 400, "input", "string or a list"),
+    ({"model": MODEL}, 400, "input", "input"),
+    ({"model": MODEL, "input": ["t"] * (CONFIG.max_inputs + 1)}, 400, "input", "too many inputs"),
+    ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format", "encoding_format"),
+    ({"input": "x"}, 400, "model", "model"),
+    ({"model": "gpt-nope", "input": "x"}, 404, "model", "does not exist"),
+    (["not", "an", "object"], 400, None, "JSON object"),
+])
+def test_errors_are_openai_shaped(http, payload, status, param, fragment) -> None:
+    res = http.post("/v1/embeddings", json=payload)
+    assert res.status_code == status, res.text
+    err = error_of(res)
+    assert err["param"] == param and fragment in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_other_http_errors(http) -> None:
+    res = http.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+    assert res.status_code == 400 and "not valid JSON" in error_of(res)["message"]
+    res = http.post("/v1/embeddings", json={"model": MODEL, "input": "x" * (CONFIG.max_body_bytes + 1)})
+    assert res.status_code == 413 and error_of(res)["code"] == "request_too_large"
+    res = http.post("/v1/embeddings", content=json.dumps({"model": MODEL, "input": "\ud800 lone surrogate"}),
+                    headers={"content-type": "application/json"})  # ASCII JSON with a \ud800 escape
+    assert res.status_code == 400 and "UTF-8" in error_of(res)["message"]
+    res = http.get("/v1/embeddings")
+    assert res.status_code == 405 and error_of(res)["code"] == "method_not_allowed"
+    res = http.get("/v2/nothing")
+    assert res.status_code == 404 and error_of(res)["code"] == "not_found"
+
+
+def test_openai_client_raises_its_own_error_types(client) -> None:
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=MODEL, input=[])
+    assert exc.value.status_code == 400 and exc.value.param == "input"
+
+
+def test_too_long_input_refused_when_truncation_is_off(minilm_artifact, reference) -> None:
+    strict = Encoder(minilm_artifact, truncate=False, check_hashes=False)
+    with BackgroundServer(create_app(strict, model_names=MODEL)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.embeddings.create(model=MODEL, input=["fine", "word " * 1000])
+        assert exc.value.code == "context_length_exceeded" and "input[1]" in exc.value.message
+        r = c.embeddings.create(model=MODEL, input=["fine"])
+        assert same_bits(np.array(r.data[0].embedding, dtype=np.float32), reference(["fine"])[0]).all()
+
+
+def test_models_health_ready_metrics(client, http) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL, "alias"]
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["dim"] == 384
+    client.embeddings.create(model=MODEL, input=["metrics please", "and another"])
+    res = http.get("/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    text = res.text
+    for name in ("stableembed_queue_depth", "stableembed_queue_tokens", "stableembed_inflight_requests",
+                 "stableembed_batch_texts_bucket", "stableembed_batch_tokens_bucket",
+                 "stableembed_batch_encode_seconds_bucket", "stableembed_queue_wait_seconds_bucket",
+                 "stableembed_request_latency_seconds_bucket", 'stableembed_requests_total{status="200"}',
+                 "stableembed_texts_total", "stableembed_tokens_total"):
+        assert name in text, name
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["stableembed_queue_depth"] == 0 and samples["stableembed_texts_total"] >= 2
+    assert samples['stableembed_rejected_total{reason="invalid"}'] >= 1  # from the error tests
+
+
+def test_response_floats_round_trip_exactly() -> None:
+    from stableembed.serve.protocol import response_body
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3, 384)).astype(np.float32)
+    emb[0, :4] = [np.float32(1e-45), np.float32(-0.0), np.finfo(np.float32).max, np.finfo(np.float32).tiny]
+    body = json.loads(response_body(emb, model="m", encoding_format="float", prompt_tokens=3))
+    assert same_bits(np.array([d["embedding"] for d in body["data"]], dtype=np.float32), emb).all()
+
+
+def test_api_key(serve_encoder) -> None:
+    app = create_app(serve_encoder, ServeConfig(api_key="s3cret"), model_names=MODEL)
+    with BackgroundServer(app) as srv:
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert len(good.embeddings.create(model=MODEL, input="x").data) == 1
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as exc:
+            bad.embeddings.create(model=MODEL, input="x")
+        assert exc.value.status_code == 401 and exc.value.code == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(srv.url + "/health").status_code == 200  # probes stay open
