@@ -14,7 +14,7 @@ from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
 from .artifact import atomic_folder, default_buckets, write_manifest
 from .source import Source, config_value, read_source
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
 
 __all__ = ["export_model", "read_source", "Source", "PRECISIONS"]
 
@@ -56,12 +56,17 @@ def export_model(
     buckets: Sequence[Sequence[int]] | None = None,
     parity: bool = True,
     overwrite: bool = False,
+    calibration_texts: Sequence[str] | None = None,
+    quality_texts: Sequence[str] | None = None,
 ) -> Manifest:
     """Export the local model folder `source` to the artifact folder `out` and return its manifest.
 
     The graph takes input_ids, attention_mask (and token_type_ids when the model uses them) and returns
     `sentence_embedding` with pooling, Dense layers and normalization inside. Writing is atomic.
     With `parity`, the export compares itself with sentence-transformers and records the figures.
+    precision "int8" (see export/quantize.py) calibrates on `calibration_texts` (default: even lines of
+    the bundled sample) and, with `parity`, records its quality against float32 sentence-transformers on
+    `quality_texts` (default: the odd lines, held out from calibration).
     """
     from .assemble import OUTPUT, assemble
     from .trace import load_transformer, trace_transformer, uses_token_type_ids
@@ -112,10 +117,29 @@ def export_model(
             "libraries": _versions(),
         }
         write_manifest(tmp, manifest)
+        if precision == "int8":
+            _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity)
         if parity:
             manifest["parity"] = _measure_parity(tmp, src)
             write_manifest(tmp, manifest)
     return load_manifest(out)
+
+
+def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts: Sequence[str] | None,
+                   quality_texts: Sequence[str] | None, quality: bool) -> None:
+    """Rewrite the fp32 model in `folder` to int8 and record how, and how well, in the manifest."""
+    from ..data import sample_texts
+    from .quantize import quality_figures, quantize_artifact, split_sample
+
+    cal, held = split_sample(sample_texts())
+    manifest["quantization"] = quantize_artifact(folder, cal if calibration_texts is None else calibration_texts)
+    write_manifest(folder, manifest)  # the int8 model's hash, before an Encoder loads it
+    if quality:
+        texts = held if quality_texts is None else list(quality_texts)
+        data = ("bundled sample, odd lines (held out from calibration)" if quality_texts is None
+                else "texts given to export_model(quality_texts=...)")
+        manifest["quantization"]["quality"] = quality_figures(folder, src.path, texts, src.max_length, data=data)
+        write_manifest(folder, manifest)
 
 
 def _measure_parity(folder: Path, src: Source) -> dict:

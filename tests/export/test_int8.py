@@ -1,0 +1,127 @@
+"""int8 export of the real all-MiniLM-L6-v2: the stability guarantee bit for bit, quality against float32
+sentence-transformers on held-out texts, size, and the graph's kernels.
+
+Splits of benchmarks/data (the same as benchmarks/int8_quality.py): tuning = short.txt lines 0-999 and
+long.txt lines 0-39 (what the quantizer's choices were tuned on); held-out = the rest, minus any text of
+the bundled sample (the export calibrates on half of it). This test uses a fixed subset of the held-out
+split; benchmarks/int8_quality.py measures all of it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+
+from stableembed import Encoder, export_model
+from stableembed.data import sample_texts
+from stableembed.export import PRECISIONS
+from stableembed.export.parity import cosine_rows
+from stableembed.export.quantize import reference_batched, top_k_overlap
+from stableembed.runtime.verify import check_stability, same_bits
+
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
+
+
+def _lines(name: str) -> list[str]:
+    return (DATA / name).read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "minilm-int8"
+    export_model(minilm_dir, out, precision="int8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[str]:
+    cal = set(sample_texts())
+    short = [t for t in _lines("short.txt")[1000:] if t not in cal]
+    long = [t for t in _lines("long.txt")[40:] if t not in cal]
+    rng = random.Random(7)
+    return rng.sample(short, 400) + rng.sample(long, 24)
+
+
+def test_precisions() -> None:
+    assert "int8" in PRECISIONS
+
+
+def test_manifest_records_scheme_size_and_quality(int8_artifact: Path) -> None:
+    m = Encoder(int8_artifact).manifest
+    assert m.precision == "int8"
+    q = m.raw["quantization"]
+    assert q["kernel"] == "u8s8" and "MatMulIntegerToFloat" in q["operator"]
+    assert q["quantized_matmuls"] == 36 and q["kept_fp32"] == []  # 6 layers x (Q, K, V, out, up, down)
+    assert "inner.embeddings.word_embeddings.weight" in q["quantized_tables"]
+    assert q["one_sided_activations"] == 6  # the GELU outputs
+    assert q["model_bytes"] == m.raw["files"]["model.onnx"]["bytes"]
+    assert q["size_ratio"] <= 0.30 and q["model_bytes"] <= 0.30 * q["model_bytes_fp32"]
+    quality = q["quality"]
+    assert quality["texts"] >= 20 and "held out" in quality["data"]
+    assert quality["mean_cosine"] >= 0.995 and quality["min_cosine"] >= 0.98
+    assert quality["top10_overlap"] >= 0.9
+    assert m.raw["parity"]["min_cosine"] >= 0.98
+
+
+def test_graph_runs_integer_kernels(int8_artifact: Path) -> None:
+    model = onnx.load(str(int8_artifact / "model.onnx"))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulIntegerToFloat"] == 36
+    assert ops["MatMul"] == 12  # attention scores and context (activation x activation) stay float32
+    assert ops["DynamicQuantizeLinear"] == 0 and ops["DynamicQuantizeMatMul"] == 0  # no per-tensor scales
+    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                and t.dims[0] * t.dims[1] >= 384 * 384]  # no float32 weight matrix or table left
+
+
+def test_stability_bit_for_bit(int8_artifact: Path, real_texts: list[str]) -> None:
+    """Alone == any batch, shuffled positions, dynamic or fixed buckets, 1 or 2 threads."""
+    report = check_stability(int8_artifact, real_texts, fresh_process=False)
+    assert report.ok, report.results
+
+
+def test_companions_of_every_length(int8_artifact: Path, real_texts: list[str]) -> None:
+    enc = Encoder(int8_artifact, check_hashes=False)
+    probe = "fast json parser"
+    alone = enc.encode(probe)
+    for companions in ([real_texts[-1]], real_texts[:5], real_texts[5:60]):
+        for pos in (0, len(companions) // 2, len(companions)):
+            batch = companions[:pos] + [probe] + companions[pos:]
+            for mode, threads in (("dynamic", 2), ("fixed", 1)):
+                out = Encoder(int8_artifact, mode=mode, threads=threads, check_hashes=False).encode(
+                    batch, batch_size=len(batch))
+                assert same_bits(out[pos], alone).all(), (len(companions), pos, mode)
+
+
+def test_quality_on_heldout_texts(int8_artifact: Path, minilm_dir: Path, heldout: list[str]) -> None:
+    ours = Encoder(int8_artifact).encode(heldout)
+    ref, _ = reference_batched(minilm_dir, heldout, 256)
+    cos = cosine_rows(ours, ref)
+    assert cos.mean() >= 0.995 and cos.min() >= 0.98, (cos.mean(), cos.min())
+    assert top_k_overlap(ours, ref) >= 0.95
+
+
+def test_fp32_graph_parts_untouched(int8_artifact: Path) -> None:
+    """Pooling and normalization: the same tree-kernel nodes as the float32 export."""
+    model = onnx.load(str(int8_artifact / "model.onnx"))
+    head = [n for n in model.graph.node if n.name.startswith("stableembed/")]
+    assert head and all(n.op_type not in ("MatMulIntegerToFloat", "QuantizeLinear") for n in head)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert"])
+def test_other_architectures_quantize_and_stay_stable(tiny_zoo, arch: str, tmp_path: Path) -> None:
+    """Tiny random-weight models: no token types (roberta), another layer layout (distilbert), two pooling
+    modes and a Dense head (which stays float32, as a head MatMul)."""
+    from tiny_models import Case
+
+    src = tiny_zoo.source(Case(id=f"int8-{arch}", arch=arch, pooling=("mean", "max"), dense=((24, "Tanh"),),
+                               normalize=True))
+    out = tmp_path / arch
+    export_model(src, out, precision="int8", parity=False)
+    q = Encoder(out).manifest.raw["quantization"]
+    assert q["quantized_matmuls"] == 12 and len(q["kept_fp32"]) == 1  # 2 layers x 6; the Dense head
+    report = check_stability(out, sample_texts()[:24], fresh_process=False)
+    assert report.ok, report.results
