@@ -126,17 +126,18 @@ def load_fastembed(spec):
             _versions("fastembed", "onnxruntime", "tokenizers"))
 
 
-def load_stableembed(spec):
+def load_stableembed(spec, artifact="artifact"):
     from stableembed import Encoder
 
-    enc = Encoder(spec["artifact"], mode="dynamic", threads=spec["threads"])
+    enc = Encoder(spec[artifact], mode="dynamic", threads=spec["threads"])
     bs = spec["batch_size"]
     return (lambda texts: enc.encode(texts, batch_size=bs),
             _versions("stableembed", "onnxruntime", "tokenizers", "numpy"))
 
 
 LOADERS = {"st-torch": load_st_torch, "st-onnx": load_st_onnx, "ort-numpy": load_ort_numpy,
-           "fastembed": load_fastembed, "stableembed": load_stableembed}
+           "fastembed": load_fastembed, "stableembed": load_stableembed,
+           "stableembed-int8": lambda spec: load_stableembed(spec, "artifact_int8")}
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
@@ -195,10 +196,10 @@ def cmd_export_onnx(source: str, out: str) -> None:
                                          max_length=model.max_seq_length), indent=2))
 
 
-def cmd_export_stableembed(source: str, out: str) -> None:
+def cmd_export_stableembed(source: str, out: str, precision: str = "fp32") -> None:
     from stableembed import export_model
 
-    export_model(source, out, overwrite=True)
+    export_model(source, out, overwrite=True, precision=precision)
 
 
 def cmd_sgemm(n: str, threads: str, out_path: str) -> None:
@@ -227,4 +228,5 @@ def cmd_sgemm(n: str, threads: str, out_path: str) -> None:
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"run": cmd_run, "export-onnx": cmd_export_onnx, "export-stableembed": cmd_export_stableembed,
+     "export-stableembed-int8": lambda src, out: cmd_export_stableembed(src, out, "int8"),
      "sgemm": cmd_sgemm}[cmd](*args)

@@ -36,6 +36,7 @@ ENGINES = {  # name -> (venv: None = this interpreter, description)
     "ort-numpy": (None, "that ONNX export in onnxruntime directly: length-sorted batches, numpy mean pooling"),
     "fastembed": ("fastembed", "fastembed TextEmbedding, custom model from the local export folder"),
     "stableembed": (None, "stableembed.Encoder, dynamic mode (artifact from stableembed.export_model)"),
+    "stableembed-int8": (None, "the same with the int8 artifact (export_model(..., precision=\"int8\"))"),
 }
 ONNX_USERS = ("st-onnx", "ort-numpy", "fastembed")
 # optimum-onnx caps transformers below 4.58 while the project runs transformers 5, hence separate venvs;
@@ -352,12 +353,14 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001
             for n in set(ONNX_USERS) & set(names):
                 engines[n].setdefault("error", f"optimum export: {exc}")
-    if "stableembed" in names:
-        try:
-            key = weights + source_key(ROOT / "export", ROOT / "kernels")
-            spec["artifact"] = str(ensure_export("stableembed", exe, model_dir, key, env, cpus))
-        except Exception as exc:  # noqa: BLE001
-            engines["stableembed"]["error"] = f"stableembed export: {exc}"
+    for name, kind, field in (("stableembed", "stableembed", "artifact"),
+                              ("stableembed-int8", "stableembed-int8", "artifact_int8")):
+        if name in names:
+            try:
+                key = weights + source_key(ROOT / "export", ROOT / "kernels")
+                spec[field] = str(ensure_export(kind, exe, model_dir, key, env, cpus))
+            except Exception as exc:  # noqa: BLE001
+                engines[name]["error"] = f"{name} export: {exc}"
 
     texts = load_texts(cfg)
     (CACHE / "texts.json").write_text(json.dumps(texts))
