@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..runtime.manifest import sha256_file
 
 POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -78,14 +79,6 @@ def config_value(config: dict, key: str):
         if config.get(name) is not None:
             return config[name]
     return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

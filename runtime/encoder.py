@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -120,19 +121,11 @@ class Encoder:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, unit="text", desc="embedding")
-        chunk: list[str] = []
-        offset = 0
+        iterator, offset = iter(texts), 0
         try:
-            for text in texts:
-                chunk.append(text)
-                if len(chunk) == chunk_size:
-                    yield self._encode_chunk(chunk, offset, batch_size)
-                    offset += len(chunk)
-                    if progress is not None:
-                        progress.update(len(chunk))
-                    chunk = []
-            if chunk:
+            while chunk := list(itertools.islice(iterator, chunk_size)):
                 yield self._encode_chunk(chunk, offset, batch_size)
+                offset += len(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
         finally:
