@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
+
+
+class ParityTolerance(NamedTuple):
+    """Bounds on a float32 artifact's distance to sentence-transformers' own embeddings."""
+
+    min_cosine: float
+    max_abs_diff: float  # per component
+
+    def accepts(self, figures: dict) -> bool:
+        """Whether `parity_figures(...)` lies within these bounds."""
+        return figures["min_cosine"] >= self.min_cosine and figures["max_abs_diff"] <= self.max_abs_diff
+
+    def __str__(self) -> str:
+        return f"min cosine {self.min_cosine}, max |diff| {self.max_abs_diff:.0e}"
+
+
+# The stated parity of fp32 artifacts, in one place: `stableembed verify --parity` and the parity tests.
+PARITY_TOLERANCE = ParityTolerance(min_cosine=0.99999, max_abs_diff=1e-5)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

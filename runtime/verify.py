@@ -32,29 +32,32 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(a).view(np.uint32) == np.ascontiguousarray(b).view(np.uint32)).all(axis=-1)
 
 
-def _fresh_process(path: Path, texts: Sequence[str], threads: int) -> np.ndarray:
+def _fresh_process(path: Path, texts: Sequence[str], threads: int, provider: str) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "texts.json", Path(tmp) / "out.npy"
         src.write_text(json.dumps(list(texts)), encoding="utf-8")
         code = ("import json,sys,numpy as np; from stableembed import Encoder; "
                 "t=json.load(open(sys.argv[2],encoding='utf-8')); "
-                "np.save(sys.argv[3], Encoder(sys.argv[1], threads=int(sys.argv[4])).encode(t, batch_size=16))")
-        subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads)], check=True)
+                "np.save(sys.argv[3], Encoder(sys.argv[1], threads=int(sys.argv[4]), provider=sys.argv[5])"
+                ".encode(t, batch_size=16))")
+        subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads), provider], check=True)
         return np.load(dst)
 
 
-def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool = True, seed: int = 0) -> StabilityReport:
-    """Encode each text alone (reference), then in many batch arrangements; count identical rows."""
+def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool = True, seed: int = 0,
+                    provider: str = "cpu") -> StabilityReport:
+    """Encode each text alone (reference), then in many batch arrangements; count identical rows.
+    Every arrangement runs on `provider` (the guarantee holds per artifact and provider)."""
     path = Path(path)
     texts = list(texts)
     report = StabilityReport(len(texts))
-    alone_enc = Encoder(path, threads=1)
+    alone_enc = Encoder(path, threads=1, provider=provider)
     alone = np.stack([alone_enc.encode(t) for t in texts])
     rng = random.Random(seed)
     for mode in ("dynamic", "fixed"):
         for threads in (1, 2):
             enc = alone_enc if (mode, threads) == ("dynamic", 1) else Encoder(path, mode=mode, threads=threads,
-                                                                               check_hashes=False)
+                                                                               provider=provider, check_hashes=False)
             for batch_size in (2, 8, 32):
                 order = list(range(len(texts)))
                 rng.shuffle(order)
@@ -66,6 +69,6 @@ def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool 
                     break  # fixed mode's batch sizes come from the buckets
     if fresh_process:
         for threads in (1, 2):
-            out = _fresh_process(path, texts, threads)
+            out = _fresh_process(path, texts, threads, provider)
             report.results[f"fresh process, {threads} thread(s), batch 16"] = int(same_bits(out, alone).sum())
     return report

@@ -63,10 +63,11 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
         raise ValueError("model_names must name at least one model")
     metrics = metrics or Metrics()
     normalize = bool(getattr(encoder.manifest, "normalize", False))
-    batcher = Batcher(encoder, max_batch_tokens=config.max_batch_tokens, max_batch_texts=config.max_batch_texts,
-                      max_wait=config.max_wait_ms / 1000, max_queue_texts=config.max_queue_texts,
-                      max_queue_tokens=config.max_queue_tokens, batch_size=config.batch_size,
-                      workers=config.workers, metrics=metrics, arriving=lambda: state["arriving"])
+    batcher = Batcher(encoder, max_dispatch_tokens=config.max_dispatch_tokens,
+                      max_dispatch_texts=config.max_dispatch_texts, max_wait=config.max_wait_ms / 1000,
+                      max_queue_texts=config.max_queue_texts, max_queue_tokens=config.max_queue_tokens,
+                      batch_size=config.batch_size, workers=config.workers, metrics=metrics,
+                      arriving=lambda: state["arriving"])
     state = {"inflight": 0, "arriving": 0, "draining": False}
     retry = {"Retry-After": str(config.retry_after_s)}
 

@@ -1,7 +1,7 @@
 """Dynamic batching across concurrent requests, on the event loop.
 
-Requests are cut into segments of at most `max_batch_tokens` tokens and `max_batch_texts` texts and
-queued in arrival order. A dispatcher task waits for a free worker, then gathers segments until the next
+Requests are cut into segments of at most `max_dispatch_tokens` tokens and `max_dispatch_texts` texts
+and queued in arrival order. A dispatcher task waits for a free worker, then gathers segments until the next
 one would pass the token or text budget, or until the oldest waiting segment has waited `max_wait`
 seconds (or at once, when the server reports no other request on its way), and runs the gathered texts
 as one `Encoder.encode` call in a worker thread (`run_in_executor`), so the event loop keeps accepting
@@ -77,8 +77,9 @@ class Batcher:
 
     Args:
         encoder: anything with `encode(texts, batch_size=...) -> float32 [N, dim]` and `dim`.
-        max_batch_tokens: token budget of one dispatched batch (tokens after truncation).
-        max_batch_texts: text budget of one dispatched batch.
+        max_dispatch_tokens: token budget of one dispatched batch, one `encoder.encode` call (tokens after
+            truncation, unpadded; the Encoder cuts the call into model runs of its own max_batch_tokens).
+        max_dispatch_texts: text budget of one dispatched batch.
         max_wait: seconds the oldest waiting segment may wait for companions before its batch runs
             anyway (when a worker is free).
         max_queue_texts, max_queue_tokens: bounds of the waiting queue; beyond them `submit` raises
@@ -92,11 +93,11 @@ class Batcher:
             only add latency.
     """
 
-    def __init__(self, encoder: Any, *, max_batch_tokens: int = 4096, max_batch_texts: int = 256,
+    def __init__(self, encoder: Any, *, max_dispatch_tokens: int = 4096, max_dispatch_texts: int = 256,
                  max_wait: float = 0.005, max_queue_texts: int = 8192, max_queue_tokens: int = 1 << 20,
                  batch_size: int = 32, workers: int = 1, metrics: Metrics | None = None,
                  arriving: Callable[[], int] | None = None):
-        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_texts", max_batch_texts),
+        for name, value in (("max_dispatch_tokens", max_dispatch_tokens), ("max_dispatch_texts", max_dispatch_texts),
                             ("max_queue_texts", max_queue_texts), ("max_queue_tokens", max_queue_tokens),
                             ("batch_size", batch_size), ("workers", workers)):
             if value < 1:
@@ -104,8 +105,8 @@ class Batcher:
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait}")
         self.encoder = encoder
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_texts = max_batch_texts
+        self.max_dispatch_tokens = max_dispatch_tokens
+        self.max_dispatch_texts = max_dispatch_texts
         self.max_wait = max_wait
         self.max_queue_texts = max_queue_texts
         self.max_queue_tokens = max_queue_tokens
@@ -180,7 +181,7 @@ class Batcher:
         if not texts:
             return job.out
         texts = list(texts)
-        parts = _segments(tokens, self.max_batch_tokens, self.max_batch_texts)
+        parts = _segments(tokens, self.max_dispatch_tokens, self.max_dispatch_texts)
         job.remaining = len(parts)
         for start, end, n in parts:
             self._queue.append(_Segment(job, start, texts[start:end], n))
@@ -219,7 +220,8 @@ class Batcher:
                     self._drop_cancelled()
                     if not self._queue:
                         break
-                    if self.queued_tokens >= self.max_batch_tokens or self.queued_texts >= self.max_batch_texts:
+                    if (self.queued_tokens >= self.max_dispatch_tokens
+                            or self.queued_texts >= self.max_dispatch_texts):
                         break
                     if self.arriving is not None and self.arriving() <= 0:
                         break
@@ -252,8 +254,8 @@ class Batcher:
                 self._queue.popleft()
                 self._account(-len(seg.texts), -seg.tokens, -1)
                 continue
-            if batch and (tokens + seg.tokens > self.max_batch_tokens
-                          or texts + len(seg.texts) > self.max_batch_texts):
+            if batch and (tokens + seg.tokens > self.max_dispatch_tokens
+                          or texts + len(seg.texts) > self.max_dispatch_texts):
                 break
             self._queue.popleft()
             self._account(-len(seg.texts), -seg.tokens, -1)

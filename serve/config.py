@@ -9,8 +9,11 @@ from dataclasses import dataclass, fields
 class ServeConfig:
     """Server limits and batching knobs (the CLI flags of `stableembed serve`)."""
 
-    max_batch_tokens: int = 4096      # token budget of one dispatched batch
-    max_batch_texts: int = 256        # text budget of one dispatched batch
+    # One dispatch is one Encoder.encode call over texts gathered from requests; the Encoder cuts it into
+    # model runs of at most its own max_batch_tokens (2,048) padded tokens. A dispatch of several runs'
+    # worth gives the Encoder's length sort room to group similar lengths.
+    max_dispatch_tokens: int = 4096   # tokens (unpadded) of one dispatch
+    max_dispatch_texts: int = 256     # texts of one dispatch
     max_wait_ms: float = 5.0          # longest wait for companions (only while other requests arrive)
     max_queue_texts: int = 8192       # bounded queue: texts waiting (beyond: 429)
     max_queue_tokens: int = 1 << 20   # bounded queue: tokens waiting (beyond: 429)

@@ -16,6 +16,7 @@ from dataclasses import fields
 from types import FrameType
 from typing import Any
 
+from .._cli_options import add_encoder_options, encoder_options
 from .._extras import require
 from .config import ServeConfig
 
@@ -97,8 +98,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 # -- the `stableembed serve` command -----------------------------------------------------------------
 
 _HELP = {
-    "max_batch_tokens": "token budget of one dispatched batch",
-    "max_batch_texts": "text budget of one dispatched batch",
+    "max_dispatch_tokens": "tokens (unpadded) gathered from requests into one Encoder.encode call",
+    "max_dispatch_texts": "texts gathered from requests into one Encoder.encode call",
     "max_wait_ms": "longest wait (ms) of a free worker for companions, while other requests are still arriving",
     "max_queue_texts": "bounded queue: texts waiting before 429",
     "max_queue_tokens": "bounded queue: tokens waiting before 429",
@@ -118,10 +119,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", action="append", default=None, dest="model_names",
                    help="name clients pass as `model` (repeatable; default: the artifact folder's name)")
-    s.add_argument("--mode", default="dynamic", choices=["dynamic", "fixed"])
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
-                   help="cut texts to max_length tokens (default), or refuse longer ones with 400")
+    add_encoder_options(s)  # --provider, --mode, --threads, --truncate, --max-batch-tokens: as `embed`
     s.add_argument("--dimensions", action=argparse.BooleanOptionalAction, default=True,
                    help="accept the `dimensions` parameter (Matryoshka-style truncation)")
     defaults = ServeConfig()
@@ -146,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in _HELP},
                          allow_dimensions=args.dimensions, api_key=args.api_key or None)
-    encoder = Encoder(args.artifact, mode=args.mode, threads=args.threads, truncate=args.truncate)
+    encoder = Encoder(args.artifact, **encoder_options(args))
     app = create_app(encoder, config, model_names=args.model_names)
     server = make_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
                          log_level=args.log_level, access_log=args.access_log)

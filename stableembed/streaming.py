@@ -8,6 +8,8 @@ written in place into a preallocated file and a sidecar `OUT.progress` records h
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -26,6 +28,26 @@ def _lines(stream: IO[str]) -> Iterator[str]:
         if line.endswith("\n"):
             line = line[:-2] if line.endswith("\r\n") else line[:-1]
         yield line
+
+
+@contextlib.contextmanager
+def read_lines(source: str | None) -> Iterator[Iterator[str]]:
+    """The texts of `source`, one per line: a file, or stdin for None or '-'. The one reader of every
+    command's input, so a file and the same bytes on stdin give the same texts: UTF-8, split on \n only
+    (a lone \r stays in its text), each line without its \n or \r\n ending."""
+    if source not in (None, "-"):
+        with open(source, encoding="utf-8", newline="\n") as f:  # type: ignore[arg-type]
+            yield _lines(f)
+        return
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text stream (an embedding application, a test): read it as is
+        yield _lines(sys.stdin)
+        return
+    stream = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+    try:
+        yield _lines(stream)
+    finally:
+        stream.detach()  # leave sys.stdin's buffer open
 
 
 def _count_lines(path: Path) -> int:
@@ -58,9 +80,7 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
     if out.suffix == ".npy" and from_stdin:
         raise ValueError(".npy output needs the row count up front: read from a file, or write .jsonl")
     total = None if from_stdin else _count_lines(Path(source))  # type: ignore[arg-type]
-    stream = sys.stdin if from_stdin else open(source, encoding="utf-8", newline="\n")  # type: ignore[arg-type]
-    with stream:
-        texts = _lines(stream)
+    with read_lines(source) as texts:
         if out.suffix == ".jsonl":
             done = _jsonl_done(out) if resume else 0
             sink = open(out, "a" if resume else "w", encoding="utf-8")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from stableembed import Encoder
 from stableembed.cli import main
@@ -46,3 +47,65 @@ def test_cli_errors_are_clear(tmp_path, capsys) -> None:
     assert "manifest.json is missing" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _cuda_ep_missing() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA EP: a missing provider cannot be shown with cuda")
+
+
+def test_missing_provider_is_an_error_on_every_command(minilm_artifact, capsys, monkeypatch) -> None:
+    """--provider reaches the Encoder on embed, verify and serve; a provider onnxruntime lacks is an error
+    that names it, with exit status 2, never a fallback to the CPU."""
+    _cuda_ep_missing()
+    import stableembed.serve.server as server
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("serve started a server on a provider that is missing")
+
+    monkeypatch.setattr(server, "make_server", no_server)
+    art = str(minilm_artifact)
+    for argv in (["embed", art, "a text", "--provider", "cuda"],
+                 ["verify", art, "a text", "--no-subprocess", "--provider", "cuda"],
+                 ["serve", art, "--provider", "cuda", "--port", "0"]):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert f"stableembed {argv[0]}: error:" in captured.err and "CUDAExecutionProvider" in captured.err, argv
+        assert captured.out.count("[") == 0, argv  # no embedding was printed
+    # the installed command's own exit status
+    res = subprocess.run([sys.executable, "-m", "stableembed", "embed", art, "x", "--provider", "cuda"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "CUDAExecutionProvider" in res.stderr and res.stdout == "", res
+    with pytest.raises(SystemExit):
+        main(["embed", art, "x", "--provider", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_embed_truncation_and_batch_budget_options(minilm_artifact, capsys) -> None:
+    art = str(minilm_artifact)
+    long_text = "stable embeddings " * 300  # far beyond max_length (256) tokens
+    assert main(["embed", art, "short", long_text]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert same_bits(np.array(rows, dtype=np.float32), Encoder(minilm_artifact).encode(["short", long_text])).all()
+    assert main(["embed", art, "short", long_text, "--no-truncate"]) == 2
+    captured = capsys.readouterr()
+    assert "text at index 1" in captured.err and "max_length" in captured.err and captured.out == ""
+    # --max-batch-tokens reaches the Encoder: a budget below one token is refused there
+    assert main(["embed", art, "short", "--max-batch-tokens", "0"]) == 2
+    assert "max_batch_tokens must be >= 1" in capsys.readouterr().err
+    # and with a budget so small that every text runs alone, the bits stay the same
+    texts = ["one", "two words", "three words here", long_text]
+    assert main(["embed", art, *texts, "--max-batch-tokens", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert same_bits(np.array(rows, dtype=np.float32), Encoder(minilm_artifact).encode(texts)).all()
+
+
+def test_export_precision_choices(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path), str(tmp_path / "out"), "--precision", "fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fp16'" in err and "'fp32'" in err and "'int8'" in err
+    assert not (tmp_path / "out").exists()

@@ -67,3 +67,35 @@ def test_cli_streaming_and_errors(minilm_artifact, corpus, tmp_path, capsys) -> 
     assert ".npy output needs the row count" in capsys.readouterr().err
     assert main(["embed", str(minilm_artifact), "-o", str(tmp_path / "o.csv"), "-i", str(path)]) == 2
     assert "must end in .npy or .jsonl" in capsys.readouterr().err
+
+
+def test_crlf_input_gives_the_same_texts_and_bits_on_every_path(minilm_artifact, tmp_path, capsys,
+                                                               monkeypatch) -> None:
+    """One reader for -i FILE and stdin, stdout and -o: CRLF endings are cut the same way everywhere, a
+    lone \\r stays inside its text (it is no line break), and every path gives the same bits."""
+    import io
+    import sys
+
+    texts = ["first line", "", "carriage\rreturn inside", "ünïcödé 🚀", "  spaced  ", "last, no newline"]
+    data = ("\r\n".join(texts)).encode("utf-8")
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(data)
+    ref = Encoder(minilm_artifact).encode(texts)
+    art = str(minilm_artifact)
+
+    def stdout_rows(argv: list[str], stdin: bytes | None = None) -> np.ndarray:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+        assert main(argv) == 0
+        return np.array([json.loads(line) for line in capsys.readouterr().out.splitlines()], dtype=np.float32)
+
+    from_file = stdout_rows(["embed", art, "-i", str(path)])
+    from_stdin = stdout_rows(["embed", art], stdin=data)
+    assert main(["embed", art, "-i", str(path), "-o", str(tmp_path / "o.npy")]) == 0
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(["embed", art, "-i", "-", "-o", str(tmp_path / "o.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == texts
+    for got in (from_file, from_stdin, np.load(tmp_path / "o.npy"),
+                np.array([r["embedding"] for r in rows], dtype=np.float32)):
+        assert got.shape == ref.shape and same_bits(got, ref).all()

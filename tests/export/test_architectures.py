@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 from stableembed import Encoder, export_model
-from stableembed.export.parity import cosine_rows
+from stableembed.export.parity import PARITY_TOLERANCE, cosine_rows
 from stableembed.runtime.manifest import load_manifest
 from stableembed.runtime.verify import same_bits
 from tiny_models import ARCHS, POSITIONS, Case, build_st_folder, corpus
 
-MIN_COSINE = 0.99999
-MAX_ABS_DIFF = 1e-5
+MIN_COSINE, MAX_ABS_DIFF = PARITY_TOLERANCE
 
 ARCH_CASES = [Case(f"{a}-mean-normalize", arch=a, normalize=True) for a in ARCHS]
 HEAD_CASES = [  # heads share one architecture (BERT) to keep the run short

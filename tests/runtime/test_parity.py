@@ -1,17 +1,17 @@
 """Parity with sentence-transformers (torch, fp32) on the same model: the one place with tolerances.
 
-Stated tolerances: min cosine >= 0.99999 and max |difference| <= 1e-5 per component, on real texts
-(short summaries, long paragraphs beyond max_length, unicode, empty string)."""
+Stated tolerances: PARITY_TOLERANCE (min cosine >= 0.99999 and max |difference| <= 1e-5 per component,
+the bounds `stableembed verify --parity` applies), on real texts (short summaries, long paragraphs
+beyond max_length, unicode, empty string)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from stableembed import Encoder
-from stableembed.export.parity import cosine_rows
+from stableembed.export.parity import PARITY_TOLERANCE, cosine_rows
 
-MIN_COSINE = 0.99999
-MAX_ABS_DIFF = 1e-5
+MIN_COSINE, MAX_ABS_DIFF = PARITY_TOLERANCE
 
 
 def test_parity_with_sentence_transformers(minilm_dir, minilm_artifact, real_texts) -> None:

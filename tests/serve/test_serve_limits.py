@@ -92,7 +92,7 @@ def test_budgets_split_batches(serve_encoder, reference) -> None:
     """A request larger than the text budget runs as several batches; the response is still whole."""
     gated = GatedEncoder(serve_encoder)
     gated.gate.set()
-    app = create_app(gated, ServeConfig(max_batch_texts=4, max_batch_tokens=10_000), model_names=MODEL)
+    app = create_app(gated, ServeConfig(max_dispatch_texts=4, max_dispatch_tokens=10_000), model_names=MODEL)
     texts = [f"text number {i}" for i in range(10)]
     with BackgroundServer(app) as srv:
         res = _post(srv.url, texts)
