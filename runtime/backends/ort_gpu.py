@@ -167,6 +167,9 @@ class OrtGpuBackend:
         self.name = f"onnxruntime-{provider}"
         self.manifest, self.provider, self.threads = manifest, provider, threads
         self.cuda_graph = cuda_graph and provider == "cuda"
+        # Whether fp32 MatMuls may run in TF32 here: never on the CUDA EP (use_tf32=0); on the TensorRT EP
+        # unless NVIDIA_TF32_OVERRIDE=0 was set before the process's first CUDA context (see the docstring).
+        self.tf32_possible = provider == "tensorrt" and not tf32_overridden_off()
         self._fixed: dict[Shape, _BoundRunner | ort.InferenceSession | None] = {}
         self.profile = default_profiles(manifest.max_length, manifest.fixed_buckets)[0]
         self.session = self._make_session(None)

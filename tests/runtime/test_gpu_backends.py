@@ -2,9 +2,11 @@
 another TensorRT/GPU, routing of batches to static/dynamic engines, onnxruntime GPU provider options,
 provider-selection errors, the CUDA binding's error handling, lean imports.
 
-GPU side (`@pytest.mark.gpu`; each skips itself where its GPU, TensorRT, cuda-python or onnxruntime-gpu
-is missing): the CUDA binding on a real device, engines built and run natively (fp32 parity with the CPU
-and fixed-mode bit stability; fp16 parity), onnxruntime's CUDA and TensorRT EPs.
+GPU side (`@pytest.mark.gpu`; each skips itself only where there is no NVIDIA GPU or the package it needs,
+TensorRT, cuda-python or onnxruntime-gpu, is missing; a broken CUDA binding on a GPU machine fails): the
+CUDA binding on a real device, engines built and run natively (fp32 parity with the CPU and fixed-mode
+bit identity; fp16 parity), onnxruntime's CUDA and TensorRT EPs, all on a small shape plan (5 native
+engine builds in all). UNTESTED ON A GPU: no GPU machine with TensorRT was available to run them.
 """
 
 from __future__ import annotations
@@ -142,6 +144,111 @@ def test_a_damaged_engine_file_is_caught_by_its_hash(faked_engines, tmp_path) ->
         load_manifest(dst)
 
 
+# ------------------------------------------------- the native backend's checks, against a fake TensorRT
+
+class _FakeEngine:
+    """What TrtBackend reads of an ICudaEngine: named IO tensors, their modes and dtypes, profiles."""
+
+    def __init__(self, out_dtype: str = "FLOAT", accept_profile: bool = True, profiles: int = 2):
+        self.names = ["input_ids", "attention_mask", "token_type_ids", "sentence_embedding"]
+        self.out_dtype, self.accept_profile, self.num_optimization_profiles = out_dtype, accept_profile, profiles
+        self.num_io_tensors = len(self.names)
+        self.profiles_set: list[int] = []
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "OUTPUT" if name == "sentence_embedding" else "INPUT"
+
+    def get_tensor_dtype(self, name):
+        return self.out_dtype if name == "sentence_embedding" else "INT64"
+
+    def create_execution_context(self):
+        engine = self
+
+        class Ctx:
+            def set_optimization_profile_async(self, index, stream):
+                engine.profiles_set.append(index)
+                return engine.accept_profile  # TensorRT returns False when it cannot select the profile
+
+        return Ctx()
+
+
+def _fake_trt_runtime(monkeypatch, engine: _FakeEngine) -> None:
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    trt = types.SimpleNamespace(
+        __version__="10.12.0.36", Logger=Logger,
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine),
+        TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+        DataType=types.SimpleNamespace(INT64="INT64", FLOAT="FLOAT", HALF="HALF"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    _fake_gpu(monkeypatch)
+
+    class Stream:
+        handle = 1
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(_cuda, "Stream", Stream)
+    monkeypatch.setattr(_cuda, "DeviceBuffer", lambda nbytes: types.SimpleNamespace(nbytes=nbytes, ptr=1))
+
+
+def test_native_backend_checks_what_tensorrt_returns(faked_engines, monkeypatch) -> None:
+    """The native backend on a fake TensorRT (no GPU): loads when every check passes; refuses a profile
+    TensorRT would not select and an engine whose output is not float32."""
+    engine = _FakeEngine()
+    _fake_trt_runtime(monkeypatch, engine)
+    enc = Encoder(faked_engines, provider="tensorrt", mode="fixed")
+    assert enc.backend.name == "tensorrt" and engine.profiles_set == [0, 1]
+    _fake_trt_runtime(monkeypatch, _FakeEngine(accept_profile=False))
+    with pytest.raises(RuntimeError, match="refused optimization profile 0 of trt-fp32-dynamic.engine"):
+        Encoder(faked_engines, provider="tensorrt")
+    _fake_trt_runtime(monkeypatch, _FakeEngine(out_dtype="HALF"))
+    with pytest.raises(ArtifactError, match="'sentence_embedding' is HALF, expected float32"):
+        Encoder(faked_engines, provider="tensorrt")
+
+
+def test_build_trt_if_stale_keeps_matching_engines_and_rebuilds_others(faked_engines, monkeypatch, tmp_path) -> None:
+    """`build-trt --if-stale`, the export side's replacement for rebuilding on load: engines built with
+    this TensorRT on this GPU are kept untouched; others go to a rebuild (here it stops where building starts)."""
+    from stableembed.export.tensorrt import build_engines
+
+    dst = tmp_path / "copy"
+    shutil.copytree(faked_engines, dst)
+    before = (dst / "manifest.json").read_bytes()
+
+    class BuildStarted(Exception):
+        pass
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            raise BuildStarted
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.12.0.36", Logger=Logger))
+    _fake_gpu(monkeypatch)
+    logs: list[str] = []
+    m = build_engines(dst, if_stale=True, log=logs.append)
+    assert m.raw["tensorrt"]["gpu"] == H100[0] and (dst / "manifest.json").read_bytes() == before
+    assert "kept" in logs[-1]
+    _fake_gpu(monkeypatch, "NVIDIA L4", "8.9")
+    with pytest.raises(BuildStarted):
+        build_engines(dst, if_stale=True, log=logs.append)
+    assert "rebuilding engines (GPU 'NVIDIA H100 80GB HBM3' vs 'NVIDIA L4' here" in logs[-1]
+    _fake_gpu(monkeypatch)
+    with pytest.raises(BuildStarted):  # same machine, other precision: rebuilt too
+        build_engines(dst, if_stale=True, fp16=True, log=logs.append)
+    assert "precision fp32 -> fp16" in logs[-1]
+
+
 # ---------------------------------------------------------------------------------------------- routing
 
 def test_routing_static_for_fixed_buckets_dynamic_for_the_rest() -> None:
@@ -227,6 +334,7 @@ def test_gpu_session_layout_and_routing_on_cpu_sessions(minilm_artifact, real_te
     monkeypatch.setattr(ort_gpu, "_session", cpu_session)
     monkeypatch.setattr(ort_gpu, "_BoundRunner", _CpuBoundRunner)
     monkeypatch.setenv("STABLEEMBED_CACHE", str(tmp_path))
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     cpu = Encoder(minilm_artifact, mode="fixed")
     plain = cpu_session(cpu.manifest, None, None, record=False)
     backend = ort_gpu.OrtGpuBackend(cpu.manifest, provider, threads=None)
@@ -252,6 +360,7 @@ def test_gpu_session_layout_and_routing_on_cpu_sessions(minilm_artifact, real_te
     run_shapes = sorted(s for s in shapes_seen if s is not None)
     assert run_shapes and set(backend._fixed) == set(run_shapes)
     assert len(made) == 1 + len(run_shapes)  # one session per run shape used, and one dynamic session
+    assert backend.tf32_possible == (provider == "tensorrt")  # NVIDIA_TF32_OVERRIDE is not set in the tests
     if provider == "tensorrt":
         n_inputs = len(cpu.manifest.inputs)
         for providers, pin in made:
