@@ -35,7 +35,6 @@ import numpy as np
 
 from .._extras import require
 from ..runtime.backends._shapes import (
-    STATIC_BATCHES,
     Profile,
     check_profiles,
     default_profiles,
