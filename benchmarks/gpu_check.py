@@ -1,5 +1,8 @@
 """The prepared GPU check (issue 10): onnxruntime's CUDA provider verified and measured, in one run.
 
+STATUS: the CUDA path is written against onnxruntime-gpu's documented API and is UNTESTED ON A GPU (no GPU
+machine was lent to the sessions that wrote it); every step has run on the CPU provider (--provider cpu).
+
     python3 benchmarks/gpu_check.py                         # on a GPU machine (see benchmarks/gpu_check.md)
     python3 benchmarks/gpu_check.py --provider cpu --quick  # anywhere: the same steps on the CPU provider, small
 
