@@ -34,18 +34,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._extras import require
-from ..runtime.backends.tensorrt import (
-    SECTION,
+from ..runtime.backends._shapes import (
     Profile,
     check_profiles,
     default_profiles,
     parse_profiles,
-    read_section,
+    run_shapes,
 )
+from ..runtime.backends.tensorrt import SECTION, engine_mismatch, read_section
 from ..runtime.manifest import Manifest, load_manifest
 from .artifact import write_manifest
 
-STATIC_BATCHES = ("largest", "all")
 TIMING_CACHE = "trt-timing.cache"
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Opsets TensorRT 10.0's ONNX parser documents (9..20, inclusive); later 10.x releases extend the top.
@@ -72,13 +71,9 @@ CONSTANT_INPUTS = {"Slice": (3,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum
 # ---------------------------------------------------------------------------------------------- planning
 
 def plan_static_engines(buckets: Sequence[Sequence[int]], static_batches: str = "largest") -> list[tuple[int, int]]:
-    """Static engine shapes (batch, length) from the manifest's fixed buckets, sorted by length then batch."""
-    if static_batches not in STATIC_BATCHES:
-        raise ValueError(f"static_batches must be one of {STATIC_BATCHES}, got {static_batches!r}")
-    shapes = {(int(b), int(t)) for b, t in buckets}
-    if static_batches == "largest":
-        shapes = {(max(b for b, t in shapes if t == length), length) for _, length in shapes}
-    return sorted(shapes, key=lambda s: (s[1], s[0]))
+    """Static engine shapes (batch, length): the run shapes of the manifest's fixed buckets, the same the
+    runtime routes fixed-mode batches to (runtime/backends/_shapes.py)."""
+    return run_shapes(buckets, static_batches)
 
 
 def plan_profiles(spec: str | Sequence[Profile] | None, max_length: int,
@@ -235,7 +230,11 @@ def _build_one(trt, builder, logger, graph_bytes: bytes, profiles: Sequence[Prof
         config.set_flag(trt.BuilderFlag.DISTRIBUTIVE_INDEPENDENCE)
     if workspace:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    config.set_timing_cache(cache, False)
+    # False means TensorRT did not take the cache (e.g. one from another TensorRT or GPU): say so rather
+    # than build without it silently.
+    if not config.set_timing_cache(cache, False):
+        raise RuntimeError("TensorRT refused the timing cache (built with another TensorRT or GPU?); delete "
+                           f"{TIMING_CACHE} from the artifact or pass --rebuild")
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     for p in profiles or ():
         profile = builder.create_optimization_profile()
@@ -250,8 +249,13 @@ def _build_one(trt, builder, logger, graph_bytes: bytes, profiles: Sequence[Prof
 
 def build_engines(folder: str | Path, *, fp16: bool = False, profiles: str | Sequence[Profile] | None = None,
                   static_batches: str = "largest", rebuild: bool = False, static: bool = True,
-                  workspace_gb: float | None = None, log: Callable[[str], None] = print) -> Manifest:
-    """Build the static and dynamic engines into the artifact `folder`, record them, return its manifest."""
+                  workspace_gb: float | None = None, log: Callable[[str], None] = print,
+                  if_stale: bool = False, dynamic: bool = True) -> Manifest:
+    """Build the static and dynamic engines into the artifact `folder`, record them, return its manifest.
+
+    if_stale: when the artifact already has engines of this precision built with this TensorRT on this
+    kind of GPU, keep them and return; otherwise rebuild (what a deployment step runs on each machine).
+    dynamic=False builds the static engines only (fixed mode; dynamic batches are then refused)."""
     from ..runtime.backends._cuda import device_info
     from ..runtime.backends.tensorrt import _require_tensorrt
 
@@ -260,11 +264,18 @@ def build_engines(folder: str | Path, *, fp16: bool = False, profiles: str | Seq
     manifest = load_manifest(folder)
     folder = manifest.folder
     old = read_section(manifest.raw)
+    precision = "fp16" if fp16 else "fp32"
+    dev = device_info()
+    if if_stale and old is not None:
+        diff = engine_mismatch(old, trt.__version__, dev.name, dev.compute_capability)
+        if diff is None and old.precision == precision:
+            log(f"{folder}: engines match this machine (TensorRT {old.tensorrt_version}, {old.gpu}); kept")
+            return manifest
+        log(f"{folder}: rebuilding engines ({diff or f'precision {old.precision} -> {precision}'})")
+        rebuild = True
     if old is not None and not rebuild:
         raise FileExistsError(f"{folder} already has TensorRT engines (TensorRT {old.tensorrt_version} on "
                               f"{old.gpu}); pass --rebuild to replace them")
-    dev = device_info()
-    precision = "fp16" if fp16 else "fp32"
     graph = prepare_graph(onnx.load(str(manifest.model_file)), fp16)
     problems = graph_problems(graph, int(manifest.raw.get("opset", 17)))
     if problems:
@@ -288,7 +299,10 @@ def build_engines(folder: str | Path, *, fp16: bool = False, profiles: str | Seq
     try:
         engines, distributive = [], True
         jobs = [(s, static_variant(graph, s).SerializeToString(), None) for s in shapes]
-        jobs.append((None, graph.SerializeToString(), plan_p))
+        if dynamic:
+            jobs.append((None, graph.SerializeToString(), plan_p))
+        if not jobs:
+            raise ValueError("nothing to build: static=False and dynamic=False")
         for shape, graph_bytes, profs in jobs:
             what = f"static {shape[0]}x{shape[1]}" if shape else f"dynamic ({len(profs)} profiles)"
             log(f"building {precision} engine {what} ...")

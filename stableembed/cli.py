@@ -162,7 +162,8 @@ def cmd_build_trt(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 1 if plan["problems"] else 0
     m = build_engines(args.artifact, fp16=args.fp16, profiles=args.profiles, static_batches=args.static_batches,
-                      rebuild=args.rebuild, static=not args.no_static, workspace_gb=args.workspace_gb)
+                      rebuild=args.rebuild, static=not args.no_static, workspace_gb=args.workspace_gb,
+                      if_stale=args.if_stale, dynamic=not args.no_dynamic)
     sec = m.raw["tensorrt"]
     print(f"built {len(sec['engines'])} {sec['precision']} TensorRT engines into {m.folder} (TensorRT "
           f"{sec['tensorrt_version']}, {sec['gpu']}, compute capability {sec['compute_capability']}, "
@@ -220,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--static-batches", default="largest", choices=["largest", "all"],
                    help="static engines: one per bucket length at its largest batch (default), or one per bucket")
     t.add_argument("--no-static", action="store_true", help="build only the dynamic engine")
+    t.add_argument("--no-dynamic", action="store_true", help="build only the static engines (fixed mode)")
     t.add_argument("--rebuild", action="store_true", help="replace the artifact's existing engines")
+    t.add_argument("--if-stale", action="store_true",
+                   help="keep engines built with this TensorRT on this GPU; rebuild them otherwise")
     t.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit")
     t.add_argument("--dry-run", action="store_true",
                    help="print the plan and check the graph TensorRT would parse (no TensorRT needed)")

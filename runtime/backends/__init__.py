@@ -9,6 +9,9 @@ Which module serves which provider:
   - "tensorrt": the artifact's own TensorRT engines when its manifest has a "tensorrt" section (written
     by `stableembed build-trt`; backends/tensorrt.py, needs the `tensorrt` extra, and a missing extra or
     engines built for another GPU/TensorRT raise), otherwise onnxruntime's TensorRT EP (ort_gpu.py).
+Shape planning shared by the GPU paths (run shapes, filler rows, optimization profiles) lives in
+_shapes.py. Imports point one way: ort_gpu -> onnxruntime; tensorrt, ort_gpu -> _shapes; no backend
+imports another's loader, and nothing under runtime imports stableembed.export.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ class Backend(Protocol):
 def load_backend(manifest: Manifest, provider: str = "cpu", threads: int | None = None) -> Backend:
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "cpu":
+        from . import onnxruntime as ort_backend
+
+        return ort_backend.load(manifest, provider, threads)
     if provider == "tensorrt":
         from . import tensorrt as trt_backend
 
         if trt_backend.read_section(manifest.raw) is not None:
             return trt_backend.load(manifest, provider, threads)
-    from . import onnxruntime as ort_backend
+    from . import ort_gpu
 
-    return ort_backend.load(manifest, provider, threads)
+    return ort_gpu.load(manifest, provider, threads)

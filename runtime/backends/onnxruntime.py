@@ -1,4 +1,8 @@
-"""onnxruntime backend: one InferenceSession serves every shape (dynamic and all fixed buckets)."""
+"""onnxruntime CPU backend: one InferenceSession serves every shape (dynamic and all fixed buckets).
+
+The GPU execution providers live in ort_gpu.py, which builds on `session_options` here (one way: this
+module imports no other backend).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ import onnxruntime as ort
 
 from ..manifest import Manifest
 
-ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                 "tensorrt": "TensorrtExecutionProvider"}
+CPU_EP = "CPUExecutionProvider"
 
 
 class OrtBackend:
@@ -35,14 +38,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def load(manifest: Manifest, provider: str, threads: int | None) -> OrtBackend:
-    wanted = ORT_PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        from .ort_gpu import missing_provider_message
-
-        raise RuntimeError(missing_provider_message(provider, wanted, ort.get_available_providers()))
-    if provider != "cpu":  # CUDA / TensorRT EPs: provider options, fixed shapes, CUDA graphs
-        from .ort_gpu import OrtGpuBackend
-
-        return OrtGpuBackend(manifest, provider, threads)  # type: ignore[return-value]
-    session = ort.InferenceSession(str(manifest.model_file), session_options(threads), providers=[wanted])
+    if provider != "cpu":
+        raise ValueError(f"backends/onnxruntime.py serves provider 'cpu' only, not {provider!r} (see ort_gpu.py)")
+    if CPU_EP not in ort.get_available_providers():  # onnxruntime-gpu builds still have it; be explicit
+        raise RuntimeError(f"this onnxruntime has no {CPU_EP} (available: {', '.join(ort.get_available_providers())})")
+    session = ort.InferenceSession(str(manifest.model_file), session_options(threads), providers=[CPU_EP])
     return OrtBackend(session, manifest.output, provider)

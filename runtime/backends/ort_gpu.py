@@ -1,18 +1,30 @@
 """onnxruntime's CUDA and TensorRT execution providers (needs onnxruntime-gpu: the `gpu` extra).
 
-NOT RUN ON A GPU YET: written against onnxruntime's documented provider options and IO binding; the
-option builders and shape planning are tested on CPU, the sessions themselves have not run anywhere.
+STATUS. The CUDA EP path is exercised by benchmarks/gpu_check.py, which has not yet run on a GPU (see
+README, GPU). The TensorRT EP path is written against onnxruntime's documented TensorRT EP options and
+is UNTESTED ON A GPU: TensorRT cannot be installed in any environment this project has. Option builders
+and shape routing are tested on CPU (tests/runtime/test_gpu_backends.py).
 
-Shapes: a batch whose (rows, length) is one of the manifest's fixed buckets (fixed mode) runs at
-(largest bucket batch for that length, length), filled with copies of its first row, so every text of
-a length bucket runs at one shape whatever its companions. Other shapes (dynamic mode) run as they are.
-  - CUDA EP: fixed shapes run in one session per length whose free dimensions are pinned to that shape
-    (all shape arithmetic folds to constants) with CUDA graphs and IO binding (`enable_cuda_graph`);
-    other shapes in a plain CUDA session. TF32 is off (`use_tf32=0`), deterministic compute on.
-  - TensorRT EP: one session whose optimization profiles are one exact profile per fixed shape, then
-    the dynamic profiles; engines and timing cache are cached under $STABLEEMBED_CACHE (default
-    ~/.cache/stableembed)/ort-trt/<model sha256>. onnxruntime's TensorRT EP has no option to clear TF32.
-A provider onnxruntime cannot start raises; nothing falls back to the CPU silently.
+Shapes (backends/_shapes.py): a batch whose (rows, length) is a fixed bucket runs at its length's run
+shape (the largest bucket batch of that length), filled with copies of its first row; other batches
+(dynamic mode) run at their own shape.
+
+Session layout: one session per run shape, plus one dynamic session.
+  - CUDA EP: a run-shape session has its free dimensions pinned to that shape (shape arithmetic folds
+    to constants) and, by default, CUDA graphs with IO binding; the dynamic session is plain. Every
+    session has TF32 off (`use_tf32=0`) and deterministic compute on.
+  - TensorRT EP: onnxruntime's TensorRT EP only ever runs optimization profile 0 of a session
+    (multiple profiles: onnxruntime PR #31624, open; issue #23965), so each session gets exactly one
+    profile: an exact profile (min = opt = max) for a run-shape session, `default_profiles`' single
+    range for the dynamic session. A dynamic batch outside that range is refused with a clear error.
+    Each session caches its engine in its own folder under $STABLEEMBED_CACHE (default
+    ~/.cache/stableembed)/ort-trt/<model sha256>/ (onnxruntime names cached engines by graph, not by
+    profile, and rebuilds on a profile mismatch: a shared folder would thrash); the timing cache is
+    shared. TF32: this EP has no option to clear it (onnxruntime issue #26029); only the process-wide
+    NVIDIA_TF32_OVERRIDE=0, set before the process creates its first CUDA context, turns it off. So
+    the TensorRT EP is NOT held to the fp32 parity tolerance: what it promises is fixed-mode bit
+    identity within one process and engine, and parity within TF32's error (`TRT_EP_TOLERANCE`).
+A provider onnxruntime cannot start raises; nothing falls back to the CPU.
 """
 
 from __future__ import annotations
@@ -26,10 +38,14 @@ import numpy as np
 import onnxruntime as ort
 
 from ..manifest import Manifest
-from .tensorrt import Profile, default_profiles, pad_rows
+from ._shapes import Profile, Shape, default_profiles, fixed_shape, pad_rows
+from .onnxruntime import session_options
 
 ORT_PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
+# What the TensorRT EP can be held to against the CPU provider when TF32 may be on (10-bit mantissa
+# inputs to every fp32 MatMul): min cosine, max |diff| per component. fp32 paths without TF32 are held
+# to the project's parity tolerance (cosine >= 0.99999, |diff| <= 1e-5).
+TRT_EP_TOLERANCE = (0.999, 5e-3)
 
 GPU_INSTALL = ("pip install 'stableembed[gpu]' (onnxruntime-gpu; it cannot share an environment with the "
                "onnxruntime package, which owns the same files: afterwards run `pip uninstall -y onnxruntime "
@@ -57,12 +73,10 @@ def missing_provider_message(provider: str, wanted: str, available: Sequence[str
     return msg
 
 
-def fixed_shape(rows: int, length: int, fixed_buckets: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-    """The one shape fixed-mode batches of this length run at, or None for a non-bucket (dynamic) batch."""
-    buckets = {(int(b), int(t)) for b, t in fixed_buckets}
-    if (rows, length) not in buckets:
-        return None
-    return max(b for b, t in buckets if t == length), length
+def tf32_overridden_off() -> bool:
+    """True when NVIDIA_TF32_OVERRIDE=0 is in this process's environment. It only takes effect if it was
+    set before the process created its first CUDA context; the TensorRT EP has no other way to clear TF32."""
+    return os.environ.get("NVIDIA_TF32_OVERRIDE") == "0"
 
 
 def cache_dir(manifest: Manifest) -> Path:
@@ -77,33 +91,34 @@ def cuda_options(cuda_graph: bool = False) -> dict[str, str]:
     return opts
 
 
-def shape_list(inputs: Sequence[str], shapes: Sequence[tuple[int, int]]) -> str:
-    """onnxruntime's profile-shape syntax: 'input_ids:1x16,attention_mask:1x16,input_ids:32x128,...'."""
-    return ",".join(f"{name}:{b}x{t}" for b, t in shapes for name in inputs)
+def shape_list(inputs: Sequence[str], shape: Shape) -> str:
+    """onnxruntime's profile-shape syntax for one profile: 'input_ids:32x128,attention_mask:32x128'."""
+    return ",".join(f"{name}:{shape[0]}x{shape[1]}" for name in inputs)
 
 
-def tensorrt_options(manifest: Manifest, profiles: Sequence[Profile] | None = None) -> dict[str, str]:
-    fixed = sorted({fixed_shape(b, t, manifest.fixed_buckets) for b, t in manifest.fixed_buckets})  # type: ignore[type-var]
-    profiles = list(profiles or default_profiles(manifest.max_length, manifest.fixed_buckets))
-    all_profiles = [Profile(s, s, s) for s in fixed] + profiles  # exact profiles first
-    cache = str(cache_dir(manifest))
+def session_tag(shape: Shape | None) -> str:
+    """The engine cache subfolder of one TensorRT EP session: 'fixed-32x16' or 'dynamic'."""
+    return "dynamic" if shape is None else f"fixed-{shape[0]}x{shape[1]}"
+
+
+def tensorrt_options(manifest: Manifest, profile: Profile, tag: str) -> dict[str, str]:
+    """Provider options of one TensorRT EP session with exactly one optimization profile."""
+    root = cache_dir(manifest)
     return {
         "device_id": "0",
         "trt_fp16_enable": "False",
         "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": cache,
+        "trt_engine_cache_path": str(root / tag),
         "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": cache,
-        "trt_profile_min_shapes": shape_list(manifest.inputs, [p.min for p in all_profiles]),
-        "trt_profile_opt_shapes": shape_list(manifest.inputs, [p.opt for p in all_profiles]),
-        "trt_profile_max_shapes": shape_list(manifest.inputs, [p.max for p in all_profiles]),
+        "trt_timing_cache_path": str(root),
+        "trt_profile_min_shapes": shape_list(manifest.inputs, profile.min),
+        "trt_profile_opt_shapes": shape_list(manifest.inputs, profile.opt),
+        "trt_profile_max_shapes": shape_list(manifest.inputs, profile.max),
     }
 
 
 def _session(manifest: Manifest, providers: list, threads: int | None,
              pin: dict[str, int] | None = None) -> ort.InferenceSession:
-    from .onnxruntime import session_options
-
     so = session_options(threads)
     so.use_deterministic_compute = True
     for dim, value in (pin or {}).items():  # free dimensions -> a static shape: shape arithmetic folds away
@@ -117,10 +132,11 @@ def _session(manifest: Manifest, providers: list, threads: int | None,
     return session
 
 
-class _CudaGraphRunner:
-    """One fixed shape on the CUDA EP: inputs and output bound once on the GPU, the graph replayed."""
+class _BoundRunner:
+    """One run shape on the CUDA EP: inputs and output bound once on the GPU (IO binding); with CUDA
+    graphs the first run captures the graph and later runs replay it."""
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, shape: tuple[int, int]):
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, shape: Shape):
         self.session = session
         self.used = False
         self.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.int64, "cuda", 0)
@@ -140,45 +156,91 @@ class _CudaGraphRunner:
 
 
 class OrtGpuBackend:
-    def __init__(self, manifest: Manifest, provider: str, threads: int | None):
+    """onnxruntime on the GPU: one session per fixed run shape (made on first use) and one dynamic session.
+
+    cuda_graph (CUDA EP only): replay CUDA graphs in the run-shape sessions; False runs them as plain
+    pinned-shape sessions (the benchmark measures both)."""
+
+    def __init__(self, manifest: Manifest, provider: str, threads: int | None, cuda_graph: bool = True):
+        if provider not in ORT_PROVIDERS:
+            raise ValueError(f"OrtGpuBackend serves {', '.join(ORT_PROVIDERS)}, not {provider!r}")
         self.name = f"onnxruntime-{provider}"
         self.manifest, self.provider, self.threads = manifest, provider, threads
-        self._graphs: dict[tuple[int, int], _CudaGraphRunner | None] = {}
-        if provider == "tensorrt":
-            cache_dir(manifest).mkdir(parents=True, exist_ok=True)
-            providers = [("TensorrtExecutionProvider", tensorrt_options(manifest)),
-                         ("CUDAExecutionProvider", cuda_options())]
-        else:
-            providers = [("CUDAExecutionProvider", cuda_options())]
-        self.session = _session(manifest, providers, threads)
+        self.cuda_graph = cuda_graph and provider == "cuda"
+        # Whether fp32 MatMuls may run in TF32 here: never on the CUDA EP (use_tf32=0); on the TensorRT EP
+        # unless NVIDIA_TF32_OVERRIDE=0 was set before the process's first CUDA context (see the docstring).
+        self.tf32_possible = provider == "tensorrt" and not tf32_overridden_off()
+        self._fixed: dict[Shape, _BoundRunner | ort.InferenceSession | None] = {}
+        self.profile = default_profiles(manifest.max_length, manifest.fixed_buckets)[0]
+        self.session = self._make_session(None)
 
-    def _graph(self, shape: tuple[int, int]) -> _CudaGraphRunner | None:
-        if shape not in self._graphs:
-            try:
-                dims = self.session.get_inputs()[0].shape  # e.g. ['batch', 'seq']
-                pin = {d: v for d, v in zip(dims, shape) if isinstance(d, str)}
-                session = _session(self.manifest, [("CUDAExecutionProvider", cuda_options(cuda_graph=True))],
-                                   self.threads, pin=pin)
-                self._graphs[shape] = _CudaGraphRunner(session, self.manifest, shape)
-            except Exception as exc:  # noqa: BLE001 - still on the GPU, without graph replay
-                warnings.warn(f"CUDA graphs unavailable for shape {shape} ({exc}); running it without them",
-                              RuntimeWarning, stacklevel=2)
-                self._graphs[shape] = None
-        return self._graphs[shape]
+    # ------------------------------------------------------------------------------------------ sessions
+
+    def _make_session(self, shape: Shape | None, cuda_graph: bool = False) -> ort.InferenceSession:
+        if self.provider == "tensorrt":
+            tag = session_tag(shape)
+            (cache_dir(self.manifest) / tag).mkdir(parents=True, exist_ok=True)
+            profile = self.profile if shape is None else Profile.exact(shape)
+            providers = [("TensorrtExecutionProvider", tensorrt_options(self.manifest, profile, tag)),
+                         ("CUDAExecutionProvider", cuda_options())]
+            return _session(self.manifest, providers, self.threads)
+        pin = None
+        if shape is not None:
+            dims = self.session.get_inputs()[0].shape  # e.g. ['batch', 'seq']
+            pin = {d: v for d, v in zip(dims, shape) if isinstance(d, str)}
+        return _session(self.manifest, [("CUDAExecutionProvider", cuda_options(cuda_graph))], self.threads, pin=pin)
+
+    def _runner(self, shape: Shape):
+        if shape not in self._fixed:
+            if self.provider == "tensorrt":
+                self._fixed[shape] = self._make_session(shape)
+            elif not self.cuda_graph:
+                self._fixed[shape] = _BoundRunner(self._make_session(shape), self.manifest, shape)
+            else:
+                try:
+                    self._fixed[shape] = _BoundRunner(self._make_session(shape, cuda_graph=True), self.manifest, shape)
+                except Exception as exc:  # noqa: BLE001 - still on the GPU, at the same shape, without replay
+                    warnings.warn(f"CUDA graphs unavailable for shape {shape} ({exc}); running it without them",
+                                  RuntimeWarning, stacklevel=3)
+                    self._fixed[shape] = _BoundRunner(self._make_session(shape), self.manifest, shape)
+        return self._fixed[shape]
+
+    # ------------------------------------------------------------------------------------------------ run
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         rows, length = feeds["input_ids"].shape
         shape = fixed_shape(rows, length, self.manifest.fixed_buckets)
-        if shape is not None:
-            feeds = pad_rows(feeds, shape[0])
-            runner = self._graph(shape) if self.provider == "cuda" else None
-            if runner is not None:
-                try:
-                    return runner.run(feeds)[:rows]
-                except Exception as exc:  # noqa: BLE001 - a capture refused on first use: run without graphs
-                    if runner.used:
-                        raise
-                    warnings.warn(f"CUDA graph capture failed for shape {shape} ({exc}); running it without",
-                                  RuntimeWarning, stacklevel=2)
-                    self._graphs[shape] = None
-        return self.session.run([self.manifest.output], feeds)[0][:rows]
+        if shape is None:
+            if self.provider == "tensorrt" and not self.profile.holds(rows, length):
+                p = self.profile
+                raise ValueError(f"a batch of {rows} rows x {length} tokens is outside the TensorRT EP's dynamic "
+                                 f"profile ({p.min[0]}..{p.max[0]} rows x {p.min[1]}..{p.max[1]} tokens); use a "
+                                 f"smaller batch_size")
+            return self._check(self.session.run([self.manifest.output], feeds)[0], rows)
+        feeds = pad_rows(feeds, shape[0])
+        runner = self._runner(shape)
+        if isinstance(runner, _BoundRunner):
+            try:
+                return self._check(runner.run(feeds), shape[0])[:rows]
+            except Exception as exc:  # noqa: BLE001 - a capture refused on its first run: rerun without graphs
+                if runner.used or not self.cuda_graph:
+                    raise
+                warnings.warn(f"CUDA graph capture failed for shape {shape} ({exc}); running it without",
+                              RuntimeWarning, stacklevel=2)
+                self._fixed[shape] = runner = _BoundRunner(self._make_session(shape), self.manifest, shape)
+                return self._check(runner.run(feeds), shape[0])[:rows]
+        return self._check(runner.run([self.manifest.output], feeds)[0], shape[0])[:rows]
+
+    def _check(self, out: np.ndarray, rows: int) -> np.ndarray:
+        if out.dtype != np.float32 or out.shape != (rows, self.manifest.dim):
+            raise RuntimeError(f"onnxruntime returned {out.dtype} {out.shape}, expected float32 "
+                               f"({rows}, {self.manifest.dim})")
+        return out
+
+
+def load(manifest: Manifest, provider: str, threads: int | None) -> OrtGpuBackend:
+    wanted = ORT_PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise RuntimeError(missing_provider_message(provider, wanted, available))
+    return OrtGpuBackend(manifest, provider, threads)

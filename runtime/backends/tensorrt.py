@@ -18,7 +18,6 @@ in the manifest must match this machine's, or loading raises `EngineMismatchErro
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,60 +25,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..manifest import ArtifactError, Manifest
+from ._shapes import Profile, pad_rows
 
 SECTION = "tensorrt"
-REBUILD_ENV = "STABLEEMBED_TRT_REBUILD"
 
 
 class EngineMismatchError(RuntimeError):
     """The artifact's TensorRT engines were built for another TensorRT version or GPU."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    min: tuple[int, int]  # (batch, length)
-    opt: tuple[int, int]
-    max: tuple[int, int]
-
-    def holds(self, rows: int, length: int) -> bool:
-        return self.min[0] <= rows <= self.max[0] and self.min[1] <= length <= self.max[1]
-
-    def as_dict(self) -> dict[str, list[int]]:
-        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-
-def parse_profiles(text: str) -> list[Profile]:
-    """'1x1:32x128:64x256,64x1:128x64:256x128' -> profiles (each MIN:OPT:MAX, as BATCHxLENGTH)."""
-    out = []
-    for part in text.split(","):
-        try:
-            mn, op, mx = (tuple(int(v) for v in s.lower().split("x")) for s in part.strip().split(":"))
-            if not (len(mn) == len(op) == len(mx) == 2):
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"profile {part!r} is not MINBxMINL:OPTBxOPTL:MAXBxMAXL") from None
-        out.append(Profile(mn, op, mx))  # type: ignore[arg-type]
-    return out
-
-
-def check_profiles(profiles: Sequence[Profile], max_length: int) -> list[Profile]:
-    """Each profile must have 1 <= min <= opt <= max (per axis) and lengths within the model's max_length."""
-    if not profiles:
-        raise ValueError("at least one optimization profile is needed")
-    for p in profiles:
-        for axis, what in ((0, "batch"), (1, "length")):
-            if not 1 <= p.min[axis] <= p.opt[axis] <= p.max[axis]:
-                raise ValueError(f"profile {p.as_dict()}: {what} must satisfy 1 <= min <= opt <= max")
-        if p.max[1] > max_length:
-            raise ValueError(f"profile {p.as_dict()}: max length {p.max[1]} is beyond the model's max_length "
-                             f"{max_length}")
-    return list(profiles)
-
-
-def default_profiles(max_length: int, fixed_buckets: Sequence[Sequence[int]]) -> list[Profile]:
-    """One profile: 1..max(64, largest bucket batch) rows x 1..max_length tokens, tuned for 32 x 128."""
-    max_batch = max([64] + [int(b) for b, _ in fixed_buckets])
-    return [Profile((1, 1), (min(32, max_batch), min(128, max_length)), (max_batch, max_length))]
 
 
 @dataclass(frozen=True)
@@ -153,7 +105,8 @@ def check_engines(engines: EngineSet, folder: Path, tensorrt_version: str, gpu: 
             f"{engines.gpu} (compute capability {engines.compute_capability}); this machine has TensorRT "
             f"{tensorrt_version} on {gpu} (compute capability {compute_capability}) [{diff}]. A TensorRT engine "
             f"only runs where it was built: rebuild them here with `stableembed build-trt {folder} --rebuild` "
-            f"(or set {REBUILD_ENV}=1 to rebuild when loading)")
+            f"(or, in a deployment script, `stableembed build-trt {folder} --if-stale`, which rebuilds only "
+            f"engines that do not match this machine)")
 
 
 def route(rows: int, length: int, engines: EngineSet,
@@ -172,14 +125,6 @@ def route(rows: int, length: int, engines: EngineSet,
                      f"(dynamic profiles: {have or 'none'}; static shapes: "
                      f"{', '.join(f'{b}x{t}' for b, t in sorted(engines.static)) or 'none'}); use a smaller "
                      f"batch_size or rebuild with wider --profiles")
-
-
-def pad_rows(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Fill a batch up to `rows` rows with copies of its first row (valid data, as the encoder's fillers)."""
-    have = next(iter(feeds.values())).shape[0]
-    if have == rows:
-        return feeds
-    return {k: np.concatenate([v, np.repeat(v[:1], rows - have, axis=0)]) for k, v in feeds.items()}
 
 
 def _require_tensorrt():
@@ -207,6 +152,7 @@ class TrtBackend:
         self.engines = engines
         self.fixed_buckets = manifest.fixed_buckets
         self.output_name = manifest.output
+        self.dim = manifest.dim
         self.stream = Stream()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -222,7 +168,14 @@ class TrtBackend:
                                     f"profiles, the manifest lists {len(engines.profiles)}")
             for i in range(len(engines.profiles)):
                 ctx = engine.create_execution_context()
-                ctx.set_optimization_profile_async(i, self.stream.handle)
+                if ctx is None:
+                    raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+                # Returns False (and logs why) when the profile cannot be selected: then every batch this
+                # context ran would use the wrong shape ranges, so refuse here rather than at run time.
+                if not ctx.set_optimization_profile_async(i, self.stream.handle):
+                    raise RuntimeError(f"TensorRT refused optimization profile {i} of {engines.dynamic} "
+                                       f"(see its log above); rebuild with `stableembed build-trt "
+                                       f"{manifest.folder} --rebuild`")
                 self._dynamic.append(self._context(trt, engine, ctx))
             self.stream.synchronize()
         shapes = list(engines.static) + [p.max for p in engines.profiles]
@@ -246,6 +199,11 @@ class TrtBackend:
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if outputs != [self.output_name]:
             raise ArtifactError(f"engine outputs {outputs}, the manifest says {self.output_name!r}")
+        # run() copies the output back as float32 bytes: an engine whose output is another type (an fp16
+        # build without the float32 output Cast, say) would be read as garbage, so refuse it here.
+        if engine.get_tensor_dtype(outputs[0]) != trt.DataType.FLOAT:
+            raise ArtifactError(f"engine output {outputs[0]!r} is {engine.get_tensor_dtype(outputs[0])}, expected "
+                                f"float32 (DataType.FLOAT); rebuild with `stableembed build-trt --rebuild`")
         for n in inputs:
             if engine.get_tensor_dtype(n) != trt.DataType.INT64:
                 raise ArtifactError(f"engine input {n!r} is {engine.get_tensor_dtype(n)}, expected int64")
@@ -267,7 +225,11 @@ class TrtBackend:
                 raise RuntimeError(f"TensorRT refused input shape {arr.shape} for {name!r}")
             c.set_tensor_address(name, self._in[name].ptr)
         c.set_tensor_address(ctx.output, self._out.ptr)
+        want = (feeds["input_ids"].shape[0], self.dim)  # rows after filling
         out = np.empty(tuple(c.get_tensor_shape(ctx.output)), dtype=np.float32)
+        if out.shape != want or out.nbytes > self._out.nbytes:
+            raise RuntimeError(f"TensorRT reports output shape {out.shape} for a {want[0]}x{length} batch; "
+                               f"expected {want}")
         if not c.execute_async_v3(self.stream.handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
         self.stream.to_host(out, self._out)
@@ -276,7 +238,10 @@ class TrtBackend:
 
 
 def load(manifest: Manifest, provider: str, threads: int | None) -> TrtBackend:
-    """The native backend for an artifact with engines (`read_section(manifest.raw)` is not None)."""
+    """The native backend for an artifact with engines (`read_section(manifest.raw)` is not None).
+
+    Engines built for another TensorRT or GPU are refused; rebuilding is the export side's job
+    (`stableembed build-trt ARTIFACT --rebuild` or `--if-stale`): the runtime never imports export."""
     engines = read_section(manifest.raw)
     if engines is None:
         raise ArtifactError(f"{manifest.folder} has no TensorRT engines: build them with "
@@ -285,16 +250,5 @@ def load(manifest: Manifest, provider: str, threads: int | None) -> TrtBackend:
     from ._cuda import device_info
 
     dev = device_info()
-    diff = engine_mismatch(engines, trt.__version__, dev.name, dev.compute_capability)
-    if diff and os.environ.get(REBUILD_ENV) == "1":
-        from ...export.tensorrt import build_engines
-        from ..manifest import load_manifest
-
-        static_batches = engines.raw.get("static_batches", "largest")
-        build_engines(manifest.folder, fp16=engines.precision == "fp16", rebuild=True,
-                      profiles=list(engines.profiles) or None, static=static_batches != "none",
-                      static_batches=static_batches if static_batches != "none" else "largest")
-        manifest = load_manifest(manifest.folder)
-        engines = read_section(manifest.raw)
     check_engines(engines, manifest.folder, trt.__version__, dev.name, dev.compute_capability)
     return TrtBackend(manifest, engines, trt)

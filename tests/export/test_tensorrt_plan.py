@@ -27,7 +27,8 @@ from stableembed.export.tensorrt import (
     prepare_graph,
     static_variant,
 )
-from stableembed.runtime.backends.tensorrt import Profile
+from stableembed.runtime.backends._shapes import Profile
+from stableembed.runtime.verify import same_bits
 
 from tiny_models import Case
 
@@ -45,9 +46,11 @@ def _feeds(folder, texts=TEXTS):
     return enc.tokenizer.feeds(encs, Batch(tuple(range(len(texts))), length, len(texts)))
 
 
-def _run(model, feeds):
+def _run(model, feeds, optimize: bool = True):
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not optimize:  # run the graph's own ops: no fusion that could differ between two graphs
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
@@ -114,7 +117,10 @@ def test_dense_matmuls_become_3d_with_the_same_results(tiny_zoo) -> None:
     added = [n for n in graph.graph.node if n.op_type in ("Unsqueeze", "Squeeze") and "/to" in n.name]
     assert added and all(n.name.startswith(KERNEL_PREFIX) for n in added)  # still kernel nodes (fp32 in fp16)
     feeds = _feeds(art)
-    np.testing.assert_allclose(_run(graph, feeds), _run(model, feeds), rtol=0, atol=1e-6)
+    # The rewrite claims the same computation (one GEMM over the batch rows either way): the same bits,
+    # op for op and with onnxruntime's optimizations on.
+    assert same_bits(_run(graph, feeds, optimize=False), _run(model, feeds, optimize=False)).all()
+    assert same_bits(_run(graph, feeds), _run(model, feeds)).all()
 
 
 def test_static_variant_fixes_the_shape_and_computes_the_same(minilm_artifact) -> None:
@@ -126,7 +132,10 @@ def test_static_variant_fixes_the_shape_and_computes_the_same(minilm_artifact) -
         assert [d.dim_value for d in value.type.tensor_type.shape.dim] == [rows, length]
     assert fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value == rows
     onnx.checker.check_model(fixed)
-    np.testing.assert_allclose(_run(fixed, feeds), _run(model, feeds), rtol=0, atol=1e-6)
+    # Fixing the shape changes no op: the same bits as the dynamic graph on the same feeds, op for op.
+    # (With onnxruntime's own graph optimizations on, known shapes enable other fusions and the two differ
+    # by ~4e-8: an onnxruntime optimizer effect, so the claim is checked with them off.)
+    assert same_bits(_run(fixed, feeds, optimize=False), _run(model, feeds, optimize=False)).all()
 
 
 # --------------------------------------------------------------------------------------- the fp16 variant
