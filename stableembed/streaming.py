@@ -18,6 +18,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from .runtime import Encoder
+from .runtime.tokenize import resolve_prompt
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
@@ -49,8 +50,11 @@ def _jsonl_done(path: Path) -> int:
 
 
 def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = False, chunk_size: int = 4096,
-               batch_size: int = 32, progress: bool | None = None) -> int:
-    """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now."""
+               batch_size: int = 32, progress: bool | None = None, prompt_name: str | None = None,
+               prompt: str | None = None) -> int:
+    """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now.
+    `prompt_name` / `prompt` as in `Encoder.encode`."""
+    chosen = resolve_prompt(enc.manifest, prompt_name, prompt)  # an unknown name fails before any output
     out = Path(output)
     if out.suffix not in (".npy", ".jsonl"):
         raise ValueError(f"output must end in .npy or .jsonl: {output}")
@@ -70,7 +74,7 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
         show = progress if progress is not None else (total or 0) >= 1000
         written = 0
         with sink:
-            for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done):
+            for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done, chosen):
                 if out.suffix == ".jsonl":
                     sink.write("".join(json.dumps({"text": t, "embedding": [float(v) for v in row]},
                                                   ensure_ascii=False) + "\n" for t, row in zip(chunk_texts, emb)))
@@ -87,7 +91,7 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
 
 
 def _chunks(enc: Encoder, texts: Iterator[str], chunk_size: int, batch_size: int, show: bool,
-            total: int | None, done: int) -> Iterator[tuple[list[str], np.ndarray]]:
+            total: int | None, done: int, prompt: str | None) -> Iterator[tuple[list[str], np.ndarray]]:
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -99,7 +103,7 @@ def _chunks(enc: Encoder, texts: Iterator[str], chunk_size: int, batch_size: int
             chunk = list(itertools.islice(texts, chunk_size))
             if not chunk:
                 return
-            yield chunk, enc._encode_chunk(chunk, offset, batch_size)
+            yield chunk, enc._encode_chunk(chunk, offset, batch_size, prompt)
             offset += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
