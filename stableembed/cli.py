@@ -69,8 +69,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("output", f"{m.output} [batch, {m.dim}] float32"),
         ("pooling", "+".join(m.pooling) + (f", then Dense x{len(raw['dense'])}" if raw.get("dense") else "")),
         ("normalize", str(m.normalize)),
-        ("prompts", ", ".join(f"{k}={v!r}" + (" (default)" if k == m.default_prompt_name else "")
-                              for k, v in m.prompts.items()) or "none"),
+        ("prompts", (", ".join(f"{k}={v!r}" + (" (default)" if k == m.default_prompt_name else "")
+                               for k, v in m.prompts.items()) or "none")
+         + ("; a prompt's tokens are not pooled (include_prompt=false)" if not m.include_prompt else "")),
         ("max_length", str(m.max_length)),
         ("precision", m.precision),
         ("opset / exporter", f"{raw['opset']} / {raw['exporter']}"),
