@@ -100,8 +100,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     texts = _read_texts(args) if (args.input or args.texts) else sample_texts()
     manifest = load_manifest(args.artifact)
     print(f"artifact files match their sha256: yes ({len(manifest.raw['files'])} files)")
-    prompt = {"prompt_name": args.prompt_name, "prompt": args.prompt}
-    chosen = resolve_prompt(manifest, **prompt)  # an unknown name fails here, before any work
+    # chosen once (an unknown name fails here, before any work); None: the model has no default prompt either
+    chosen = resolve_prompt(manifest, args.prompt_name, args.prompt)
+    prompt = {"prompt": chosen}
     report = check_stability(args.artifact, texts, fresh_process=not args.no_subprocess, **prompt)
     print(f"stability: each of {report.texts} texts against its embedding computed alone"
           + (f", with the prompt {chosen!r}" if chosen is not None else ""))
