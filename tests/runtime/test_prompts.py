@@ -257,3 +257,22 @@ def test_int8_export_keeps_the_pooling_mask_and_the_guarantee(tmp_path) -> None:
     # close to float32 (the int8 quality bar is the int8 tests'; here: the prompt is handled the same way)
     ref = Encoder(fp32).encode(texts, prompt_name="instruct")
     assert cosine_rows(alone, ref).min() > 0.99
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"include_prompt": True}, "include_prompt=false goes with a pooling_mask input"),
+    ({"default_prompt_name": "nope"}, "default_prompt_name 'nope' is not one of the prompts"),
+    ({"prompts": {"query": 3}}, "prompts must map names to strings"),
+])
+def test_inconsistent_prompt_fields_are_refused(edit, message, tmp_path) -> None:
+    import shutil
+
+    from stableembed.runtime.manifest import ArtifactError
+
+    art = tmp_path / "art"
+    shutil.copytree(prompted_model("excluded")[1], art)
+    raw = json.loads((art / "manifest.json").read_text(encoding="utf-8"))
+    raw.update(edit)
+    (art / "manifest.json").write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(art)
