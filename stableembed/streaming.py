@@ -69,7 +69,7 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
             done = _jsonl_done(out) if resume else 0
             sink = open(out, "a" if resume else "w", encoding="utf-8")
         else:
-            done, sink = _open_npy(out, total or 0, enc.dim, resume)
+            done, sink = _open_npy(out, total or 0, enc.dim, resume, chosen)
         texts = itertools.islice(texts, done, None)
         show = progress if progress is not None else (total or 0) >= 1000
         written = 0
@@ -84,7 +84,8 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
                 os.fsync(sink.fileno())
                 written += len(emb)
                 if out.suffix == ".npy":
-                    _progress_file(out).write_text(json.dumps({"rows_done": done + written, "rows": total}))
+                    _progress_file(out).write_text(json.dumps({"rows_done": done + written, "rows": total,
+                                                               "prompt": chosen}))
         if out.suffix == ".npy":
             _progress_file(out).unlink(missing_ok=True)
     return written
@@ -116,12 +117,15 @@ def _progress_file(out: Path) -> Path:
     return out.with_name(out.name + ".progress")
 
 
-def _open_npy(out: Path, rows: int, dim: int, resume: bool) -> tuple[int, IO[bytes]]:
+def _open_npy(out: Path, rows: int, dim: int, resume: bool, prompt: str | None) -> tuple[int, IO[bytes]]:
     done = 0
     if resume and out.exists() and _progress_file(out).exists():
         state = json.loads(_progress_file(out).read_text())
         if state.get("rows") != rows:
             raise ValueError(f"cannot resume {out}: it was started for {state.get('rows')} rows, the input has {rows}")
+        if state.get("prompt") != prompt:  # rows embedded with another prompt would be mixed in silently
+            raise ValueError(f"cannot resume {out}: it was started with the prompt {state.get('prompt')!r}, "
+                             f"this run's is {prompt!r}")
         done = int(state["rows_done"])
     elif resume and out.exists():
         arr = np.load(out, mmap_mode="r")
@@ -130,7 +134,7 @@ def _open_npy(out: Path, rows: int, dim: int, resume: bool) -> tuple[int, IO[byt
         raise ValueError(f"cannot resume {out}: no progress record and its shape is {arr.shape}")
     else:
         np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
-        _progress_file(out).write_text(json.dumps({"rows_done": 0, "rows": rows}))
+        _progress_file(out).write_text(json.dumps({"rows_done": 0, "rows": rows, "prompt": prompt}))
     f = open(out, "r+b")
     np.lib.format.read_magic(f)
     np.lib.format.read_array_header_1_0(f)

@@ -84,3 +84,28 @@ def test_verify_and_info_with_prompts(capsys) -> None:
     assert "query='query: '" in out and "not pooled" in out
     assert main(["info", str(prompted_model("default")[1])]) == 0
     assert "query='query: ' (default)" in capsys.readouterr().out
+
+
+def test_npy_resume_refuses_another_prompt(tmp_path, monkeypatch) -> None:
+    from stableembed.streaming import embed_file
+
+    enc = Encoder(prompted_model("default")[1])
+    texts = [f"line number {i}" for i in range(12)]
+    src, out = tmp_path / "in.txt", tmp_path / "o.npy"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    real, calls = enc._encode_chunk, {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(enc, "_encode_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_file(enc, str(src), str(out), chunk_size=4, prompt_name="document")
+    monkeypatch.setattr(enc, "_encode_chunk", real)
+    with pytest.raises(ValueError, match="started with the prompt 'passage: ', this run's is 'query: '"):
+        embed_file(enc, str(src), str(out), chunk_size=4, resume=True)  # the default prompt: another one
+    assert embed_file(enc, str(src), str(out), chunk_size=4, resume=True, prompt_name="document") == 8
+    assert same_bits(np.load(out), enc.encode(texts, prompt_name="document")).all()
