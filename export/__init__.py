@@ -68,7 +68,7 @@ def export_model(
     the bundled sample) and, with `parity`, records its quality against float32 sentence-transformers on
     `quality_texts` (default: the odd lines, held out from calibration).
     """
-    from .assemble import OUTPUT, assemble
+    from .assemble import OUTPUT, POOLING_MASK, assemble
     from .trace import load_transformer, trace_transformer, uses_token_type_ids
 
     if precision not in PRECISIONS:
@@ -84,16 +84,21 @@ def export_model(
 
     model = load_transformer(src.transformer_path)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_type_ids(model) else [])
+    traced_inputs = list(inputs)
+    if not src.include_prompt:
+        inputs.append(POOLING_MASK)
     with atomic_folder(Path(out), overwrite) as tmp:
         with tempfile.TemporaryDirectory() as work:
             traced = Path(work) / "transformer.onnx"
-            trace_transformer(model, traced, inputs, opset, exporter)
+            trace_transformer(model, traced, traced_inputs, opset, exporter)
             dim = assemble(traced, src, tmp / "model.onnx")
         _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
         cfg = src.config
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # version 1 where it suffices, so older stableembed versions still load the artifact; prompts and
+            # the pooling mask need the current one (2)
+            "format_version": FORMAT_VERSION if any(src.prompts.values()) or not src.include_prompt else 1,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
             "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
@@ -106,6 +111,9 @@ def export_model(
             "dense": [{"in": d.in_features, "out": d.out_features, "activation": d.activation}
                       for d in src.dense],
             "normalize": src.normalize,
+            "prompts": src.prompts,
+            "default_prompt_name": src.default_prompt_name,
+            "include_prompt": src.include_prompt,
             "max_length": src.max_length,
             "lowercase": src.lowercase,
             "pad_id": int(cfg.get("pad_token_id") or 0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from ..kernels.pooling import onnx_pool
 from .source import DenseSpec, Source
 
 OUTPUT = "sentence_embedding"
+# Extra graph input of models whose Pooling excludes the prompt (include_prompt=False): int64 [batch, seq],
+# the attention mask with each row's prompt tokens cleared; the runtime fills it. Absent otherwise.
+POOLING_MASK = "pooling_mask"
 
 
 def load_dense_weights(spec: DenseSpec) -> tuple[np.ndarray, np.ndarray | None]:
@@ -59,7 +63,13 @@ def assemble(transformer_onnx: Path, source: Source, out: Path) -> int:
     model = onnx.load(str(transformer_onnx))
     graph = model.graph
     sub = Subgraph("stableembed")
-    x = onnx_pool(sub, "token_embeddings", "attention_mask", source.pooling, source.max_length)
+    pool_mask = None
+    if not source.include_prompt:
+        mask_input = next(i for i in graph.input if i.name == "attention_mask")
+        extra = copy.deepcopy(mask_input)  # same int64 [batch, seq] type and dimension names
+        extra.name = pool_mask = POOLING_MASK
+        graph.input.append(extra)
+    x = onnx_pool(sub, "token_embeddings", "attention_mask", source.pooling, source.max_length, pool_mask)
     dim = source.hidden_size * len(source.pooling)
     for spec in source.dense:
         if spec.in_features != dim:

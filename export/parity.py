@@ -33,14 +33,17 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-300)
 
 
-def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, str]:
-    """sentence-transformers' own embeddings (one text at a time, so no padding is involved)."""
+def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int, prompt_name: str | None = None,
+                         prompt: str | None = None) -> tuple[np.ndarray, str]:
+    """sentence-transformers' own embeddings (one text at a time, so no padding is involved); the prompt
+    arguments are its `encode`'s (none: the model's default prompt, if it has one)."""
     from .._extras import require
 
     st = require("sentence_transformers", "export")
     model = st.SentenceTransformer(str(model_path), device="cpu")
     model.max_seq_length = max_length
-    emb = np.stack([model.encode([t], convert_to_numpy=True)[0] for t in texts]).astype(np.float32)
+    emb = np.stack([model.encode([t], convert_to_numpy=True, prompt_name=prompt_name, prompt=prompt)[0]
+                    for t in texts]).astype(np.float32)
     return emb, f"sentence-transformers {st.__version__}"
 
 

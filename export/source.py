@@ -51,6 +51,10 @@ class Source:
     dense: list[DenseSpec] = field(default_factory=list)
     max_length: int = 512
     lowercase: bool = False
+    # sentence-transformers' prompts (config_sentence_transformers.json) and Pooling's include_prompt
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
 
     @property
     def hidden_size(self) -> int:
@@ -131,6 +135,7 @@ def read_source(path: str | Path) -> Source:
 
     transformer_path: Path | None = None
     pooling: list[str] | None = None
+    include_prompt = True
     normalize = False
     dense: list[DenseSpec] = []
     for module in _read_json(modules_file):
@@ -143,8 +148,7 @@ def read_source(path: str | Path) -> Source:
         elif kind == "Pooling":
             cfg = _read_json(folder / "config.json")
             pooling = _pooling_modes(cfg)
-            if cfg.get("include_prompt") is False:
-                raise ValueError("pooling with include_prompt=false is not supported")
+            include_prompt = cfg.get("include_prompt", True) is not False
         elif kind == "Normalize":
             cfg_file = folder / "config.json"
             _check_io_names(module, _read_json(cfg_file) if module.get("path") and cfg_file.is_file() else {})
@@ -167,5 +171,22 @@ def read_source(path: str | Path) -> Source:
     st_cfg_file = transformer_path / "sentence_bert_config.json"
     st_cfg = _read_json(st_cfg_file) if st_cfg_file.is_file() else {}
     max_length = st_cfg.get("max_seq_length") or default_max_length(transformer_path, config)
+    prompts, default_prompt = _prompts(root)
     return Source(root, "sentence-transformers", transformer_path, config, pooling or ["mean"], normalize, dense,
-                  int(max_length), bool(st_cfg.get("do_lower_case", False)))
+                  int(max_length), bool(st_cfg.get("do_lower_case", False)),
+                  prompts=prompts, default_prompt_name=default_prompt, include_prompt=include_prompt)
+
+
+def _prompts(root: Path) -> tuple[dict[str, str], str | None]:
+    """`prompts` and `default_prompt_name` from config_sentence_transformers.json, checked as
+    sentence-transformers checks them when it loads the model."""
+    cfg_file = root / "config_sentence_transformers.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError(f"{cfg_file}: `prompts` must map names to prompt strings")
+    default = cfg.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"{cfg_file}: default_prompt_name {default!r} is not one of the prompts "
+                         f"({', '.join(map(repr, prompts)) or 'none'})")
+    return dict(prompts), default

@@ -8,6 +8,15 @@ therefore depends only on that row's real tokens: not on batch size, position, p
 
 Modes and their meaning follow sentence-transformers' `Pooling` module; several modes are
 concatenated in the order the model's pooling config gives them, as sentence-transformers does.
+
+A separate pooling mask (`pool_mask`) serves models whose Pooling has `include_prompt=False`: the
+runtime clears a prompt's leading tokens in it, so they hold the identity like padding and drop out of
+every sum, maximum and count, as sentence-transformers (6.2) clears its attention mask after the
+transformer. With it, `cls` takes the first pooled token and `lasttoken` the last one, as
+sentence-transformers' argmax / flip-argmax over the cleared mask do (a row with no pooled token, a
+prompt that fills max_length: token 0, and for `lasttoken` that token times 0). Positions are small
+integers, exact in float32, and ArgMax's choice does not depend on any order. Without a pooling
+mask, the graph is what it always was.
 """
 
 from __future__ import annotations
@@ -31,16 +40,20 @@ def check_modes(modes: Sequence[str]) -> list[str]:
     return list(modes)
 
 
-def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -> np.ndarray:
-    """NumPy reference defining the exact bits. hidden: float32 [B, T, H]; mask: 0/1 [B, T]."""
+def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str],
+                   pool_mask: np.ndarray | None = None) -> np.ndarray:
+    """NumPy reference defining the exact bits. hidden: float32 [B, T, H]; mask: 0/1 [B, T] (real tokens);
+    pool_mask: optional 0/1 [B, T], the tokens to pool (a subset of mask: prompt tokens cleared)."""
     hidden = np.asarray(hidden, dtype=np.float32)
-    mask = np.asarray(mask)
+    masked_prompt = pool_mask is not None
+    mask = np.asarray(pool_mask if masked_prompt else mask)
     keep = (mask != 0)[:, :, None]
     count = mask.astype(np.float32).sum(axis=1, keepdims=True)  # integers: exact in any order
     outs = []
+    rows = np.arange(hidden.shape[0])
     for mode in check_modes(modes):
         if mode == "cls":
-            outs.append(hidden[:, 0, :])
+            outs.append(hidden[rows, np.argmax(mask != 0, axis=1), :] if masked_prompt else hidden[:, 0, :])
         elif mode == "max":
             outs.append(tree_reduce(np.where(keep, hidden, np.float32(MASKED_MAX)), 1, "max", MASKED_MAX))
         elif mode in ("mean", "mean_sqrt_len"):
@@ -53,13 +66,21 @@ def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -
             wsum = (mask.astype(np.float32) * w[:, :, 0]).sum(axis=1, keepdims=True)  # integers: exact
             outs.append(total / np.maximum(wsum, np.float32(COUNT_EPS)))
         elif mode == "lasttoken":
+            if masked_prompt:  # the last pooled position; 0 (and the value times 0) when none
+                last = np.argmax((mask != 0) * np.arange(mask.shape[1], dtype=np.float32)[None, :], axis=1)
+                outs.append(hidden[rows, last, :] * np.minimum(count, np.float32(1.0)))
+                continue
             last = np.maximum(count.astype(np.int64)[:, 0] - 1, 0)
             outs.append(hidden[np.arange(hidden.shape[0]), last, :])
     return np.concatenate(outs, axis=1).astype(np.float32, copy=False)
 
 
-def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int) -> str:
-    """ONNX form of `pool_reference`: hidden float32 [B, T, H], mask int64 [B, T] -> [B, H·len(modes)]."""
+def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int,
+              pool_mask: str | None = None) -> str:
+    """ONNX form of `pool_reference`: hidden float32 [B, T, H], mask int64 [B, T] -> [B, H·len(modes)];
+    `pool_mask` (int64 [B, T]), when given, selects the pooled tokens instead of `mask`."""
+    masked_prompt = pool_mask is not None
+    mask = pool_mask if masked_prompt else mask
     keep = sub.op("Unsqueeze", [sub.op("Cast", [mask], "keep_b", to=9), sub.const([2], "ax")], "keep")
     maskf = sub.op("Cast", [mask], "mask_f", to=1)
     count = sub.op("ReduceSum", [maskf, sub.const([1], "ax")], "count", keepdims=1)
@@ -68,7 +89,11 @@ def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int
     outs = []
     for mode in check_modes(modes):
         if mode == "cls":
-            outs.append(sub.op("Gather", [hidden, sub.const(np.int64(0), "i0")], "cls", axis=1))
+            if masked_prompt:  # the first pooled token (ArgMax: the first maximum), 0 when none
+                first = sub.op("ArgMax", [maskf], "first", axis=1, keepdims=1)
+                outs.append(_gather_tokens(sub, hidden, first, "cls"))
+            else:
+                outs.append(sub.op("Gather", [hidden, sub.const(np.int64(0), "i0")], "cls", axis=1))
         elif mode == "max":
             fill = sub.const(np.float32(MASKED_MAX), "fill")
             masked = sub.op("Where", [keep, hidden, fill], "masked")
@@ -93,6 +118,17 @@ def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int
             wsum = sub.op("ReduceSum", [sub.op("Mul", [maskf, w]), sub.const([1], "ax")], "wsum", keepdims=1)
             outs.append(sub.op("Div", [total, sub.op("Max", [wsum, eps])], mode))
         elif mode == "lasttoken":
+            if masked_prompt:
+                # ArgMax of mask * position: the last pooled token; a row with none gives 0, times 0 below
+                shape = sub.op("Shape", [maskf], "mshape")
+                length = sub.op("Gather", [shape, sub.const(np.int64(1), "i1")], "len")
+                pos = sub.op("Cast", [sub.op("Range", [sub.const(np.int64(0), "zero_i"), length,
+                                                       sub.const(np.int64(1), "one")], "pos")], "pos_f", to=1)
+                last = sub.op("ArgMax", [sub.op("Mul", [maskf, pos], "mask_pos")], "last", axis=1, keepdims=1)
+                got = _gather_tokens(sub, hidden, last, "last_token")
+                any_ = sub.op("Min", [count, sub.const(np.float32(1.0), "one_f")], "any")  # 1.0 or 0.0: exact
+                outs.append(sub.op("Mul", [got, any_], mode))
+                continue
             last = sub.op("Sub", [sub.op("Cast", [count], "count_i", to=7), sub.const(np.int64(1), "one")], "last")
             last = sub.op("Max", [last, sub.const(np.int64(0), "zero_i")], "last")
             idx = sub.op("Unsqueeze", [last, sub.const([2], "ax")], "last3")  # [B, 1, 1]
@@ -104,3 +140,15 @@ def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int
             got = sub.op("GatherElements", [hidden, idx], "gathered", axis=1)
             outs.append(sub.op("Squeeze", [got, sub.const([1], "ax")], mode))
     return outs[0] if len(outs) == 1 else sub.op("Concat", outs, "pooled", axis=1)
+
+
+def _gather_tokens(sub, hidden: str, index: str, hint: str) -> str:
+    """hidden [B, T, H] at one token per row, index int64 [B, 1] -> [B, H]."""
+    idx = sub.op("Unsqueeze", [index, sub.const([2], "ax")], "idx3")  # [B, 1, 1]
+    shape = sub.op("Shape", [hidden], "hshape")
+    hdim = sub.op("Slice", [shape, sub.const([2], "s"), sub.const([3], "e")], "h")
+    b = sub.op("Slice", [shape, sub.const([0], "s"), sub.const([1], "e")], "b")
+    full = sub.op("Concat", [b, sub.const([1], "one"), hdim], "idx_shape", axis=0)
+    idx = sub.op("Expand", [idx, full], "idx")
+    got = sub.op("GatherElements", [hidden, idx], "gathered", axis=1)
+    return sub.op("Squeeze", [got, sub.const([1], "ax")], hint)

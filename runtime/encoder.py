@@ -15,7 +15,7 @@ from tokenizers import Encoding
 from .backends import Backend, load_backend
 from .manifest import Manifest, load_manifest
 from .schedule import Batch, plan_dynamic, plan_fixed
-from .tokenize import TextTokenizer, check_texts
+from .tokenize import TextTokenizer, check_texts, model_prompts, resolve_prompt
 
 MODES = ("dynamic", "fixed")
 # Padded tokens in one model run (dynamic mode): the Encoder's and every CLI command's default. 2,048
@@ -28,6 +28,7 @@ class _Request:
     encodings: list[Encoding]
     batch_size: int
     out: np.ndarray
+    prompt_length: int = 0  # leading tokens of every text left out of pooling (include_prompt=False)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -86,19 +87,39 @@ class Encoder:
             return plan_fixed(lengths, self.manifest.fixed_buckets)
         return plan_dynamic(lengths, batch_size, self.max_batch_tokens)
 
-    @overload
-    def encode(self, texts: str, batch_size: int = ..., show_progress: bool = ...) -> np.ndarray: ...
-    @overload
-    def encode(self, texts: Iterable[str], batch_size: int = ..., show_progress: bool = ...) -> np.ndarray: ...
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The prompts by name, as sentence-transformers' `prompts`: the model's, plus empty "query" and
+        "document" where it sets none."""
+        return model_prompts(self.manifest)
 
-    def encode(self, texts, batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+    @property
+    def default_prompt_name(self) -> str | None:
+        return self.manifest.default_prompt_name
+
+    @overload
+    def encode(self, texts: str, batch_size: int = ..., show_progress: bool = ..., *,
+               prompt_name: str | None = ..., prompt: str | None = ...) -> np.ndarray: ...
+    @overload
+    def encode(self, texts: Iterable[str], batch_size: int = ..., show_progress: bool = ..., *,
+               prompt_name: str | None = ..., prompt: str | None = ...) -> np.ndarray: ...
+
+    def encode(self, texts, batch_size: int = 32, show_progress: bool = False, *,
+               prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """Embed `texts` -> float32 [N, dim] in input order; a single str gives [dim].
 
+        Prompts as sentence-transformers' `encode`: `prompt` (a string) goes before each text; else the
+        model's prompt named `prompt_name`; else the model's default prompt, if it has one (`prompt=""`:
+        none). An unknown `prompt_name` is a ValueError naming the known ones.
         Raises TypeError / ValueError naming the index of a bad text; nothing else is affected.
         In fixed mode the manifest's buckets set the batch sizes and `batch_size` is not used.
         """
         if isinstance(texts, str):
-            return self.encode([texts], batch_size)[0]
+            return self.encode([texts], batch_size, prompt_name=prompt_name, prompt=prompt)[0]
+        return self._encode(texts, batch_size, show_progress, resolve_prompt(self.manifest, prompt_name, prompt))
+
+    def _encode(self, texts: Iterable[str], batch_size: int, show_progress: bool, prompt: str | None) -> np.ndarray:
+        """`encode` with the prompt already chosen (None: no prompt at all)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = check_texts(texts)
@@ -107,7 +128,8 @@ class Encoder:
             return out
         # Tokenize in the caller's thread: bad input fails here, alone, and tokenizing overlaps with
         # whatever batch another thread is running.
-        request = _Request(self.tokenizer.encode(items), batch_size, out)
+        request = _Request(self.tokenizer.encode(items, prompt=prompt), batch_size, out,
+                           self.tokenizer.prompt_length(prompt))
         if show_progress:
             with self._run_lock:
                 self._run([request], progress=True)
@@ -118,9 +140,16 @@ class Encoder:
         return out
 
     def encode_stream(self, texts: Iterable[str], chunk_size: int = 4096, batch_size: int = 32,
-                      show_progress: bool = False, total: int | None = None) -> Iterator[np.ndarray]:
+                      show_progress: bool = False, total: int | None = None, *, prompt_name: str | None = None,
+                      prompt: str | None = None) -> Iterator[np.ndarray]:
         """Embed an iterable of any length chunk by chunk, yielding float32 [<=chunk_size, dim] arrays in
-        order. Memory stays bounded by one chunk of texts and embeddings, whatever the input's length."""
+        order. Memory stays bounded by one chunk of texts and embeddings, whatever the input's length.
+        `prompt_name` / `prompt` as in `encode` (an unknown name raises before any text is read)."""
+        chosen = resolve_prompt(self.manifest, prompt_name, prompt)
+        return self._stream(texts, chunk_size, batch_size, show_progress, total, chosen)
+
+    def _stream(self, texts: Iterable[str], chunk_size: int, batch_size: int, show_progress: bool,
+                total: int | None, prompt: str | None) -> Iterator[np.ndarray]:
         progress = None
         if show_progress:
             from tqdm.auto import tqdm
@@ -129,7 +158,7 @@ class Encoder:
         iterator, offset = iter(texts), 0
         try:
             while chunk := list(itertools.islice(iterator, chunk_size)):
-                yield self._encode_chunk(chunk, offset, batch_size)
+                yield self._encode_chunk(chunk, offset, batch_size, prompt)
                 offset += len(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
@@ -137,9 +166,9 @@ class Encoder:
             if progress is not None:
                 progress.close()
 
-    def _encode_chunk(self, chunk: list[str], offset: int, batch_size: int) -> np.ndarray:
+    def _encode_chunk(self, chunk: list[str], offset: int, batch_size: int, prompt: str | None) -> np.ndarray:
         try:
-            return self.encode(chunk, batch_size=batch_size)
+            return self._encode(chunk, batch_size, False, prompt)
         except (TypeError, ValueError) as exc:  # name the index in the whole stream, not in the chunk
             msg = str(exc)
             if msg.startswith("text at index "):
@@ -166,6 +195,8 @@ class Encoder:
     def _run(self, requests: list[_Request], progress: bool = False) -> None:
         encodings = [e for r in requests for e in r.encodings]
         owners = [(r, i) for r in requests for i in range(len(r.encodings))]
+        # Requests with different prompts share batches: each row carries its own prompt length.
+        prompt_lengths = [r.prompt_length for r in requests for _ in r.encodings]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -173,7 +204,7 @@ class Encoder:
             bar = tqdm(total=len(encodings), unit="text", desc="embedding")
         try:
             for batch in self.plan([len(e.ids) for e in encodings], min(r.batch_size for r in requests)):
-                result = self.backend.run(self.tokenizer.feeds(encodings, batch))
+                result = self.backend.run(self.tokenizer.feeds(encodings, batch, prompt_lengths))
                 for row, idx in enumerate(batch.indices):
                     req, i = owners[idx]
                     req.out[i] = result[row]

@@ -1,15 +1,17 @@
-"""The artifact's manifest: the one place that reads pooling, precision and shapes."""
+"""The artifact's manifest: the one place that reads pooling, prompts, precision and shapes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMAT = "stableembed-artifact"
-FORMAT_VERSION = 1
+# 2: prompts, default_prompt_name, include_prompt (with its pooling_mask input). Export writes 1 for an
+# artifact that has none of them, so older stableembed versions still load it.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -35,6 +37,9 @@ class Manifest:
     fixed_buckets: tuple[tuple[int, int], ...]
     pad_id: int
     raw: dict[str, Any]
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> text put before each input text
+    default_prompt_name: str | None = None  # applied when encode names no prompt (as sentence-transformers)
+    include_prompt: bool = True  # False: the prompt's tokens are left out of pooling (graph input pooling_mask)
 
 
 def sha256_file(path: Path) -> str:
@@ -97,6 +102,20 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
             fixed_buckets=tuple((int(b), int(t)) for b, t in raw["shapes"]["fixed_buckets"]),
             pad_id=int(raw.get("pad_id", 0)),
             raw=raw,
+            **_prompt_fields(raw),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc
+
+
+def _prompt_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    prompts = raw.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError("prompts must map names to strings")
+    default = raw.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"default_prompt_name {default!r} is not one of the prompts")
+    include = bool(raw.get("include_prompt", True))
+    if include == ("pooling_mask" in raw["inputs"]):
+        raise ValueError("include_prompt=false goes with a pooling_mask input, and only then")
+    return {"prompts": dict(prompts), "default_prompt_name": default, "include_prompt": include}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,6 +35,38 @@ def check_texts(texts: Iterable[object]) -> list[str]:
     return out
 
 
+# sentence-transformers (6) gives every model these prompt names, empty unless the model sets them.
+BUILTIN_PROMPTS = ("query", "document")
+
+
+def model_prompts(manifest: Manifest) -> dict[str, str]:
+    """The prompt names a model accepts and their texts: its own, plus sentence-transformers' built-in
+    empty "query" and "document" where it does not set them."""
+    return {**{name: "" for name in BUILTIN_PROMPTS}, **manifest.prompts}
+
+
+def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+    """The prompt text to put before each input, as sentence-transformers' `encode` chooses it: `prompt`
+    when given (it wins over `prompt_name`), else the prompt named `prompt_name`, else the model's
+    default prompt, else none. An unknown name is a ValueError naming the known ones."""
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+        if prompt_name is not None:
+            warnings.warn(f"both prompt and prompt_name={prompt_name!r} given: using prompt, as "
+                          f"sentence-transformers does", stacklevel=3)
+        return prompt
+    prompts = model_prompts(manifest)
+    if prompt_name is not None:
+        if prompt_name not in prompts:
+            raise ValueError(f"unknown prompt name {prompt_name!r}; this model's prompts: "
+                             f"{', '.join(map(repr, prompts))}")
+        return prompts[prompt_name]
+    if manifest.default_prompt_name is not None:
+        return prompts[manifest.default_prompt_name]
+    return None
+
+
 def _cut(text: str, limit: int) -> str:
     """Prefix of at least `limit` characters, ending before a whitespace when one follows soon."""
     if len(text) <= limit:
@@ -55,6 +88,7 @@ class TextTokenizer:
         self.lowercase = manifest.lowercase
         self.inputs = manifest.inputs
         self.pad_id = manifest.pad_id
+        self.pooling_mask = "pooling_mask" in manifest.inputs  # include_prompt=False: prompts not pooled
 
     def _prepare(self, texts: Sequence[str]) -> list[str]:
         return [t.lower() for t in texts] if self.lowercase else list(texts)
@@ -71,7 +105,21 @@ class TextTokenizer:
                                      f"character {exc.start})") from None
             raise
 
-    def encode(self, texts: Sequence[str]) -> list[Encoding]:
+    def prompt_length(self, prompt: str | None) -> int:
+        """Leading tokens of a prompted text that pooling leaves out: 0 unless the model's Pooling has
+        include_prompt=False and the prompt is not empty; then, as sentence-transformers 6 counts them,
+        the prompt's tokens when tokenized alone (special tokens included, truncated like any text), less
+        a trailing special token (the end token a text's tokens have after it, not within the prompt)."""
+        if not prompt or not self.pooling_mask:
+            return 0
+        enc = self._encode_batch(self._prepare([prompt]))[0]
+        return len(enc.ids) - (1 if enc.ids and enc.special_tokens_mask[-1] else 0)
+
+    def encode(self, texts: Sequence[str], prompt: str | None = None) -> list[Encoding]:
+        """Token encodings of `texts` (each preceded by `prompt` when given, as sentence-transformers
+        joins them: prompt + text), truncated to max_length."""
+        if prompt:
+            texts = [prompt + t for t in texts]
         prepared = self._prepare(texts)
         limit = self.max_length * CUT_RATIO
         cut = {i: limit for i, t in enumerate(prepared) if len(t) > limit}
@@ -89,19 +137,28 @@ class TextTokenizer:
                                      f"and truncation is off")
         return encodings
 
-    def feeds(self, encodings: Sequence[Encoding], batch: Batch) -> dict[str, np.ndarray]:
-        """int64 [rows, length] arrays; filler rows repeat the first real row (valid data: no NaN, no slow path)."""
+    def feeds(self, encodings: Sequence[Encoding], batch: Batch,
+              prompt_lengths: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """int64 [rows, length] arrays; filler rows repeat the first real row (valid data: no NaN, no slow path).
+        `prompt_lengths` (per encoding, default 0) clear each row's leading prompt tokens in the pooling mask
+        of a model whose Pooling has include_prompt=False; other models take no pooling mask."""
         ids = np.full((batch.rows, batch.length), self.pad_id, dtype=np.int64)
         mask = np.zeros((batch.rows, batch.length), dtype=np.int64)
         types = np.zeros((batch.rows, batch.length), dtype=np.int64) if "token_type_ids" in self.inputs else None
+        pool = np.zeros((batch.rows, batch.length), dtype=np.int64) if self.pooling_mask else None
         for row in range(batch.rows):
-            enc = encodings[batch.indices[row] if row < len(batch.indices) else batch.indices[0]]
+            index = batch.indices[row] if row < len(batch.indices) else batch.indices[0]
+            enc = encodings[index]
             n = len(enc.ids)
             ids[row, :n] = enc.ids
             mask[row, :n] = 1
             if types is not None:
                 types[row, :n] = enc.type_ids
+            if pool is not None:
+                pool[row, min(prompt_lengths[index] if prompt_lengths else 0, n):n] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
             feeds["token_type_ids"] = types
+        if pool is not None:
+            feeds["pooling_mask"] = pool
         return feeds

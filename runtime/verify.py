@@ -32,27 +32,30 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(a).view(np.uint32) == np.ascontiguousarray(b).view(np.uint32)).all(axis=-1)
 
 
-def _fresh_process(path: Path, texts: Sequence[str], threads: int, provider: str) -> np.ndarray:
+def _fresh_process(path: Path, texts: Sequence[str], threads: int, provider: str, prompt: dict) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "texts.json", Path(tmp) / "out.npy"
-        src.write_text(json.dumps(list(texts)), encoding="utf-8")
+        src.write_text(json.dumps({"texts": list(texts), "prompt": prompt}), encoding="utf-8")
         code = ("import json,sys,numpy as np; from stableembed import Encoder; "
-                "t=json.load(open(sys.argv[2],encoding='utf-8')); "
+                "d=json.load(open(sys.argv[2],encoding='utf-8')); "
                 "np.save(sys.argv[3], Encoder(sys.argv[1], threads=int(sys.argv[4]), provider=sys.argv[5])"
-                ".encode(t, batch_size=16))")
+                ".encode(d['texts'], batch_size=16, **d['prompt']))")
         subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads), provider], check=True)
         return np.load(dst)
 
 
-def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool = True, seed: int = 0,
-                    provider: str = "cpu") -> StabilityReport:
+def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool = True, seed: int = 0, *,
+                    provider: str = "cpu", prompt_name: str | None = None,
+                    prompt: str | None = None) -> StabilityReport:
     """Encode each text alone (reference), then in many batch arrangements; count identical rows.
-    Every arrangement runs on `provider` (the guarantee holds per artifact and provider)."""
+    Every arrangement runs on `provider` (the guarantee holds per artifact and provider);
+    `prompt_name` / `prompt` as in `Encoder.encode`, the same for every encoding."""
     path = Path(path)
     texts = list(texts)
     report = StabilityReport(len(texts))
     alone_enc = Encoder(path, threads=1, provider=provider)
-    alone = np.stack([alone_enc.encode(t) for t in texts])
+    kw = {"prompt_name": prompt_name, "prompt": prompt}
+    alone = np.stack([alone_enc.encode(t, **kw) for t in texts])
     rng = random.Random(seed)
     for mode in ("dynamic", "fixed"):
         for threads in (1, 2):
@@ -62,13 +65,13 @@ def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool 
                 order = list(range(len(texts)))
                 rng.shuffle(order)
                 out = np.empty_like(alone)
-                out[order] = enc.encode([texts[i] for i in order], batch_size=batch_size)
+                out[order] = enc.encode([texts[i] for i in order], batch_size=batch_size, **kw)
                 key = f"{mode}, {threads} thread(s), batch {batch_size}, shuffled"
                 report.results[key] = int(same_bits(out, alone).sum())
                 if mode == "fixed":
                     break  # fixed mode's batch sizes come from the buckets
     if fresh_process:
         for threads in (1, 2):
-            out = _fresh_process(path, texts, threads, provider)
+            out = _fresh_process(path, texts, threads, provider, kw)
             report.results[f"fresh process, {threads} thread(s), batch 16"] = int(same_bits(out, alone).sum())
     return report

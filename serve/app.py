@@ -37,6 +37,7 @@ from starlette.routing import Route
 from .batcher import Batcher, Closed, QueueFull
 from .config import ServeConfig
 from .metrics import Metrics
+from ..runtime.tokenize import model_prompts, resolve_prompt
 from .protocol import APIError, error_body, invalid, parse_request, response_body, truncate_dimensions
 
 JSON_TYPE = "application/json"
@@ -63,6 +64,10 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
         raise ValueError("model_names must name at least one model")
     metrics = metrics or Metrics()
     normalize = bool(getattr(encoder.manifest, "normalize", False))
+    prompts = model_prompts(encoder.manifest)
+    if config.default_prompt_name is not None and config.default_prompt_name not in prompts:
+        raise ValueError(f"default prompt name {config.default_prompt_name!r} is not one of the model's prompts "
+                         f"({', '.join(map(repr, prompts)) or 'it defines none'})")
     batcher = Batcher(encoder, max_dispatch_tokens=config.max_dispatch_tokens,
                       max_dispatch_texts=config.max_dispatch_texts, max_wait=config.max_wait_ms / 1000,
                       max_queue_texts=config.max_queue_texts, max_queue_tokens=config.max_queue_tokens,
@@ -71,9 +76,9 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
     state = {"inflight": 0, "arriving": 0, "draining": False}
     retry = {"Retry-After": str(config.retry_after_s)}
 
-    def tokenize(texts: list[str]) -> list[int]:
+    def tokenize(texts: list[str], prompt: str | None) -> list[int]:
         try:
-            return [len(e.ids) for e in encoder.tokenizer.encode(texts)]
+            return [len(e.ids) for e in encoder.tokenizer.encode(texts, prompt=prompt)]
         except ValueError as exc:  # "text at index i is longer than max_length ... truncation is off", bad UTF-8
             msg = str(exc)
             code = "context_length_exceeded" if "longer than max_length" in msg else None
@@ -135,9 +140,11 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
             except (ValueError, UnicodeDecodeError) as exc:
                 raise invalid(f"the request body is not valid JSON: {exc}", param=None) from None
             req = parse_request(payload, model_names=names, dim=encoder.dim, max_inputs=config.max_inputs,
-                                allow_dimensions=config.allow_dimensions)
+                                allow_dimensions=config.allow_dimensions, prompts=prompts)
+            # the request's prompt, else the server's default, else the model's (as Encoder.encode chooses)
+            prompt = resolve_prompt(encoder.manifest, req.prompt_name or config.default_prompt_name)
             big = sum(map(len, req.texts)) > INLINE_CHARS
-            tokens = await off_loop(big, tokenize, req.texts)
+            tokens = await off_loop(big, tokenize, req.texts, prompt)
             total = sum(tokens)
             try:
                 batcher.check_fits(len(tokens), total)
@@ -146,7 +153,7 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
             state["arriving"] -= 1
             arriving = False
             try:
-                emb = await batcher.submit(req.texts, tokens)
+                emb = await batcher.submit(req.texts, tokens, prompt=prompt)
             except QueueFull as exc:
                 metrics.rejected.labels("queue_full").inc()
                 raise APIError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",

@@ -20,7 +20,6 @@ is still encoded, which is how a graceful shutdown finishes in-flight requests.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ class _Segment:
     start: int  # row offset in job.out
     texts: list[str]
     tokens: int
+    prompt: str | None = None  # put before each text (None: no prompt argument, the encoder's default)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -76,7 +76,8 @@ class Batcher:
     """Gathers concurrent requests' texts into shared `encoder.encode` calls.
 
     Args:
-        encoder: anything with `encode(texts, batch_size=...) -> float32 [N, dim]` and `dim`.
+        encoder: anything with `encode(texts, batch_size=...) -> float32 [N, dim]` and `dim` (and a `prompt`
+            keyword when requests carry prompts).
         max_dispatch_tokens: token budget of one dispatched batch, one `encoder.encode` call (tokens after
             truncation, unpadded; the Encoder cuts the call into model runs of its own max_batch_tokens).
         max_dispatch_texts: text budget of one dispatched batch.
@@ -164,9 +165,10 @@ class Batcher:
             raise ValueError(f"{n_tokens} tokens in one request; this server queues at most "
                              f"{self.max_queue_tokens}")
 
-    async def submit(self, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
-        """Embed `texts` (whose token counts are `tokens`) -> float32 [N, dim], sharing batches with
-        other requests. Raises QueueFull when the queue has no room, Closed when shutting down."""
+    async def submit(self, texts: Sequence[str], tokens: Sequence[int], prompt: str | None = None) -> np.ndarray:
+        """Embed `texts` (whose token counts are `tokens`, the prompt's included) -> float32 [N, dim], sharing
+        batches with other requests; `prompt` is passed to `encoder.encode` when not None. Raises QueueFull
+        when the queue has no room, Closed when shutting down."""
         if not self.accepting:
             raise Closed("the server is shutting down")
         if len(texts) != len(tokens):
@@ -184,7 +186,7 @@ class Batcher:
         parts = _segments(tokens, self.max_dispatch_tokens, self.max_dispatch_texts)
         job.remaining = len(parts)
         for start, end, n in parts:
-            self._queue.append(_Segment(job, start, texts[start:end], n))
+            self._queue.append(_Segment(job, start, texts[start:end], n, prompt))
         self._account(len(texts), total, len(parts))
         self._wakeup.set()
         return await job.future
@@ -270,15 +272,30 @@ class Batcher:
             m.batch_requests.observe(len({id(s.job) for s in batch}))
         return batch
 
+    def _encode(self, batch: list[_Segment]) -> np.ndarray:
+        """The batch's embeddings in segment order: one `encode` call per distinct prompt (usually one)."""
+        groups: dict[str | None, list[int]] = {}
+        texts: list[str] = []
+        for seg in batch:
+            groups.setdefault(seg.prompt, []).extend(range(len(texts), len(texts) + len(seg.texts)))
+            texts += seg.texts
+        if len(groups) == 1:
+            ((prompt, _),) = groups.items()
+            return self.encoder.encode(texts, batch_size=self.batch_size,
+                                       **({} if prompt is None else {"prompt": prompt}))
+        emb = np.empty((len(texts), self.encoder.dim), dtype=np.float32)
+        for prompt, rows in groups.items():
+            emb[rows] = self.encoder.encode([texts[i] for i in rows], batch_size=self.batch_size,
+                                            **({} if prompt is None else {"prompt": prompt}))
+        return emb
+
     async def _run(self, batch: list[_Segment]) -> None:
-        texts = [t for seg in batch for t in seg.texts]
         loop = asyncio.get_running_loop()
         self.running += 1
         self.metrics.batches_running.inc()
         t0 = time.perf_counter()
         try:
-            emb = await loop.run_in_executor(self._executor, functools.partial(
-                self.encoder.encode, texts, batch_size=self.batch_size))
+            emb = await loop.run_in_executor(self._executor, self._encode, batch)
         except BaseException as exc:  # every request in the batch gets the error
             for seg in batch:
                 if not seg.job.future.done():

@@ -25,6 +25,7 @@ class ServeConfig:
     allow_dimensions: bool = True     # accept `dimensions` (Matryoshka-style truncation)
     retry_after_s: int = 1            # Retry-After on 429 / 503
     api_key: str | None = None        # when set, /v1/* requires "Authorization: Bearer <api_key>" (else 401)
+    default_prompt_name: str | None = None  # prompt for requests without `prompt_name` (None: the model's default)
 
     def __post_init__(self) -> None:
         for f in fields(self):

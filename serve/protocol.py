@@ -7,6 +7,9 @@ Request (POST /v1/embeddings, JSON):
     encoding_format  "float" (default) or "base64" (little-endian float32 bytes, as OpenAI sends them)
     dimensions       optional int, 1..dim: keep the first `dimensions` components, then L2-normalize
                      again when the model's output is normalized (Matryoshka-style truncation)
+    prompt_name      optional, one of the model's prompt names (as text-embeddings-inference names the
+                     field; the `openai` client sends it through `extra_body`): that prompt goes before
+                     every input. Absent: the server's --default-prompt-name, else the model's default.
     user             accepted and ignored
 
 Errors: {"error": {"message", "type", "param", "code"}} with the HTTP status, as OpenAI answers them.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -53,10 +56,11 @@ class EmbeddingRequest:
     texts: list[str]
     encoding_format: str
     dimensions: int | None
+    prompt_name: str | None = None
 
 
 def parse_request(payload: Any, *, model_names: tuple[str, ...], dim: int, max_inputs: int,
-                  allow_dimensions: bool = True) -> EmbeddingRequest:
+                  allow_dimensions: bool = True, prompts: Mapping[str, str] | None = None) -> EmbeddingRequest:
     """Validate a decoded JSON body; raises APIError with the status and message OpenAI would give."""
     if not isinstance(payload, dict):
         raise invalid("the request body must be a JSON object", param=None)
@@ -108,7 +112,16 @@ def parse_request(payload: Any, *, model_names: tuple[str, ...], dim: int, max_i
         if not 1 <= dims <= dim:
             raise invalid(f"'dimensions' must be between 1 and {dim} (the model's dimension), got {dims}",
                           param="dimensions")
-    return EmbeddingRequest(model, items, fmt, dims)
+    prompt_name = payload.get("prompt_name")
+    if prompt_name is not None:
+        if not isinstance(prompt_name, str):
+            raise invalid(f"'prompt_name' must be a string, not {_json_type(prompt_name)}", param="prompt_name")
+        known = prompts or {}
+        if prompt_name not in known:
+            names = ", ".join(repr(n) for n in known) if known else "none (this model defines no prompts)"
+            raise invalid(f"unknown 'prompt_name' {prompt_name!r}; this model's prompts: {names}",
+                          param="prompt_name", code="prompt_not_found")
+    return EmbeddingRequest(model, items, fmt, dims, prompt_name)
 
 
 def _is_int(value: Any) -> bool:

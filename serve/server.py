@@ -127,6 +127,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         if f.name in _HELP:
             s.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                            default=getattr(defaults, f.name), help=f"{_HELP[f.name]} (default %(default)s)")
+    s.add_argument("--default-prompt-name", default=None,
+                   help="the model's prompt applied to requests without `prompt_name` (default: the model's own "
+                        "default prompt, if any)")
     s.add_argument("--api-key", default=os.environ.get("STABLEEMBED_API_KEY"),
                    help="require this bearer token on /v1/* (default: $STABLEEMBED_API_KEY; unset: open)")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -143,7 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in _HELP},
-                         allow_dimensions=args.dimensions, api_key=args.api_key or None)
+                         allow_dimensions=args.dimensions, api_key=args.api_key or None,
+                         default_prompt_name=args.default_prompt_name)
     encoder = Encoder(args.artifact, **encoder_options(args))
     app = create_app(encoder, config, model_names=args.model_names)
     server = make_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout,

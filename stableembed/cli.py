@@ -41,18 +41,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .runtime import Encoder
 
     enc = Encoder(args.artifact, **encoder_options(args))
+    prompt = {"prompt_name": args.prompt_name, "prompt": args.prompt}
     if args.output is not None:
         if args.texts:
             raise ValueError("with --output, read texts from --input (a file, or - for stdin)")
         from .streaming import embed_file
 
         n = embed_file(enc, args.input, args.output, resume=args.resume, chunk_size=args.chunk_size,
-                       batch_size=args.batch_size, progress=args.progress)
+                       batch_size=args.batch_size, progress=args.progress, **prompt)
         print(f"wrote {n} embeddings to {args.output}", file=sys.stderr)
         return 0
     texts = _read_texts(args)
     progress = args.progress if args.progress is not None else len(texts) >= 1000
-    for row in enc.encode(texts, batch_size=args.batch_size, show_progress=progress):
+    for row in enc.encode(texts, batch_size=args.batch_size, show_progress=progress, **prompt):
         print(json.dumps([float(v) for v in row]))
     return 0
 
@@ -70,6 +71,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("output", f"{m.output} [batch, {m.dim}] float32"),
         ("pooling", "+".join(m.pooling) + (f", then Dense x{len(raw['dense'])}" if raw.get("dense") else "")),
         ("normalize", str(m.normalize)),
+        ("prompts", (", ".join(f"{k}={v!r}" + (" (default)" if k == m.default_prompt_name else "")
+                               for k, v in m.prompts.items()) or "none")
+         + ("; a prompt's tokens are not pooled (include_prompt=false)" if not m.include_prompt else "")),
         ("max_length", str(m.max_length)),
         ("precision", m.precision),
         ("opset / exporter", f"{raw['opset']} / {raw['exporter']}"),
@@ -92,13 +96,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .data import sample_texts
     from .runtime import load_manifest
+    from .runtime.tokenize import resolve_prompt
     from .runtime.verify import check_stability
 
     texts = _read_texts(args) if (args.input or args.texts) else sample_texts()
     manifest = load_manifest(args.artifact)
     print(f"artifact files match their sha256: yes ({len(manifest.raw['files'])} files)")
-    report = check_stability(args.artifact, texts, fresh_process=not args.no_subprocess, provider=args.provider)
-    print(f"stability: each of {report.texts} texts against its embedding computed alone")
+    # chosen once (an unknown name fails here, before any work); None: the model has no default prompt either
+    chosen = resolve_prompt(manifest, args.prompt_name, args.prompt)
+    prompt = {"prompt": chosen}
+    report = check_stability(args.artifact, texts, fresh_process=not args.no_subprocess, provider=args.provider,
+                             **prompt)
+    print(f"stability: each of {report.texts} texts against its embedding computed alone"
+          + (f", with the prompt {chosen!r}" if chosen is not None else ""))
     for variant, same in report.results.items():
         print(f"  {variant:<45} {same}/{report.texts} bit-identical")
     ok = report.ok
@@ -107,8 +117,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from .runtime import Encoder
 
         source = Path(args.parity)
-        ref, name = reference_embeddings(source, texts, manifest.max_length)
-        p = parity_figures(Encoder(args.artifact, provider=args.provider).encode(texts), ref)
+        ref, name = reference_embeddings(source, texts, manifest.max_length, **prompt)
+        p = parity_figures(Encoder(args.artifact, provider=args.provider).encode(texts, **prompt), ref)
         good = PARITY_TOLERANCE.accepts(p)
         ok = ok and good
         print(f"parity vs {name}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e} "
@@ -197,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("texts", nargs="*", help="texts (default: --input, stdin for embed, the sample for verify)")
         s.add_argument("--input", "-i", default=None,
                        help="UTF-8 file with one text per line, \\n or \\r\\n endings ('-': stdin)")
+        s.add_argument("--prompt-name", default=None,
+                       help="put the model's prompt of this name before each text (default: the model's default "
+                            "prompt, if it has one; `stableembed info` lists them)")
+        s.add_argument("--prompt", default=None,
+                       help="put this text before each text (wins over --prompt-name; '' for no prompt)")
         s.set_defaults(func=func)
     emb = sub.choices["embed"]
     emb.add_argument("--output", "-o", default=None, help=".npy or .jsonl (default: JSON lines on stdout)")

@@ -20,6 +20,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from .runtime import Encoder
+from .runtime.tokenize import resolve_prompt
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
@@ -71,8 +72,11 @@ def _jsonl_done(path: Path) -> int:
 
 
 def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = False, chunk_size: int = 4096,
-               batch_size: int = 32, progress: bool | None = None) -> int:
-    """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now."""
+               batch_size: int = 32, progress: bool | None = None, prompt_name: str | None = None,
+               prompt: str | None = None) -> int:
+    """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now.
+    `prompt_name` / `prompt` as in `Encoder.encode`."""
+    chosen = resolve_prompt(enc.manifest, prompt_name, prompt)  # an unknown name fails before any output
     out = Path(output)
     if out.suffix not in (".npy", ".jsonl"):
         raise ValueError(f"output must end in .npy or .jsonl: {output}")
@@ -85,12 +89,12 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
             done = _jsonl_done(out) if resume else 0
             sink = open(out, "a" if resume else "w", encoding="utf-8")
         else:
-            done, sink = _open_npy(out, total or 0, enc.dim, resume)
+            done, sink = _open_npy(out, total or 0, enc.dim, resume, chosen)
         texts = itertools.islice(texts, done, None)
         show = progress if progress is not None else (total or 0) >= 1000
         written = 0
         with sink:
-            for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done):
+            for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done, chosen):
                 if out.suffix == ".jsonl":
                     sink.write("".join(json.dumps({"text": t, "embedding": [float(v) for v in row]},
                                                   ensure_ascii=False) + "\n" for t, row in zip(chunk_texts, emb)))
@@ -100,14 +104,15 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
                 os.fsync(sink.fileno())
                 written += len(emb)
                 if out.suffix == ".npy":
-                    _progress_file(out).write_text(json.dumps({"rows_done": done + written, "rows": total}))
+                    _progress_file(out).write_text(json.dumps({"rows_done": done + written, "rows": total,
+                                                               "prompt": chosen}))
         if out.suffix == ".npy":
             _progress_file(out).unlink(missing_ok=True)
     return written
 
 
 def _chunks(enc: Encoder, texts: Iterator[str], chunk_size: int, batch_size: int, show: bool,
-            total: int | None, done: int) -> Iterator[tuple[list[str], np.ndarray]]:
+            total: int | None, done: int, prompt: str | None) -> Iterator[tuple[list[str], np.ndarray]]:
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -119,7 +124,7 @@ def _chunks(enc: Encoder, texts: Iterator[str], chunk_size: int, batch_size: int
             chunk = list(itertools.islice(texts, chunk_size))
             if not chunk:
                 return
-            yield chunk, enc._encode_chunk(chunk, offset, batch_size)
+            yield chunk, enc._encode_chunk(chunk, offset, batch_size, prompt)
             offset += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
@@ -132,12 +137,15 @@ def _progress_file(out: Path) -> Path:
     return out.with_name(out.name + ".progress")
 
 
-def _open_npy(out: Path, rows: int, dim: int, resume: bool) -> tuple[int, IO[bytes]]:
+def _open_npy(out: Path, rows: int, dim: int, resume: bool, prompt: str | None) -> tuple[int, IO[bytes]]:
     done = 0
     if resume and out.exists() and _progress_file(out).exists():
         state = json.loads(_progress_file(out).read_text())
         if state.get("rows") != rows:
             raise ValueError(f"cannot resume {out}: it was started for {state.get('rows')} rows, the input has {rows}")
+        if state.get("prompt") != prompt:  # rows embedded with another prompt would be mixed in silently
+            raise ValueError(f"cannot resume {out}: it was started with the prompt {state.get('prompt')!r}, "
+                             f"this run's is {prompt!r}")
         done = int(state["rows_done"])
     elif resume and out.exists():
         arr = np.load(out, mmap_mode="r")
@@ -146,7 +154,7 @@ def _open_npy(out: Path, rows: int, dim: int, resume: bool) -> tuple[int, IO[byt
         raise ValueError(f"cannot resume {out}: no progress record and its shape is {arr.shape}")
     else:
         np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
-        _progress_file(out).write_text(json.dumps({"rows_done": 0, "rows": rows}))
+        _progress_file(out).write_text(json.dumps({"rows_done": 0, "rows": rows, "prompt": prompt}))
     f = open(out, "r+b")
     np.lib.format.read_magic(f)
     np.lib.format.read_array_header_1_0(f)

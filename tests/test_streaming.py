@@ -34,11 +34,11 @@ def test_interrupted_run_resumes_without_recomputing(enc, corpus, tmp_path, suff
     calls = {"n": 0}
     real = enc._encode_chunk
 
-    def dying(chunk, offset, batch_size):
+    def dying(chunk, offset, batch_size, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(chunk, offset, batch_size)
+        return real(chunk, offset, batch_size, *rest)
 
     monkeypatch.setattr(enc, "_encode_chunk", dying)
     with pytest.raises(KeyboardInterrupt):

@@ -109,3 +109,77 @@ def test_modes_are_checked_and_ordered() -> None:
     with pytest.raises(ValueError, match="unknown pooling mode"):
         check_modes(["median"])
     assert list(itertools.chain(*MODE_SETS))  # sanity: the parametrization is not empty
+
+
+# -- a separate pooling mask (include_prompt=False: a prompt's leading tokens are not pooled) ----------
+
+def _prompt_session(modes, threads: int) -> ort.InferenceSession:
+    sub = Subgraph("p")
+    out = onnx_pool(sub, "hidden", "mask", modes, MAX_LEN, pool_mask="pool")
+    model = standalone_model(sub, [("hidden", 1, ["b", "t", H]), ("mask", 7, ["b", "t"]),
+                                   ("pool", 7, ["b", "t"])], out)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+PROMPT_SESSIONS = {(tuple(m), th): _prompt_session(m, th) for m in MODE_SETS for th in (1, 2)}
+
+
+def _pool_mask(mask, prompt_lengths):
+    pool = mask.copy()
+    for i, p in enumerate(prompt_lengths):
+        pool[i, :p] = 0
+    return pool
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(1, MAX_LEN), st.integers(0, MAX_LEN + 2)), min_size=1, max_size=6),
+       extra=st.integers(0, 16), modes=st.sampled_from(MODE_SETS), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**31))
+def test_prompt_excluded_row_bits_depend_on_row_alone(rows, extra, modes, threads, seed) -> None:
+    """Rows of different lengths and prompt lengths (some covering the whole row) in one padded batch:
+    the ONNX form equals the reference bit for bit, alone, unpadded and at another position."""
+    rng = np.random.default_rng(seed)
+    lengths, prompts = [n for n, _ in rows], [p for _, p in rows]
+    pad_to = min(max(lengths) + extra, MAX_LEN)
+    hidden, mask = _batch(rng, lengths, pad_to)
+    pool = _pool_mask(mask, prompts)
+    sess = PROMPT_SESSIONS[(tuple(modes), threads)]
+    batch = sess.run(None, {"hidden": hidden, "mask": mask, "pool": pool})[0]
+    ref = pool_reference(hidden, mask, modes, pool_mask=pool)
+    assert (_bits(batch) == _bits(ref)).all()
+    for i, n in enumerate(lengths):
+        alone = sess.run(None, {"hidden": hidden[i:i + 1, :n], "mask": mask[i:i + 1, :n], "pool": pool[i:i + 1, :n]})[0]
+        assert (_bits(alone[0]) == _bits(ref[i])).all()
+    rev = sess.run(None, {"hidden": hidden[::-1].copy(), "mask": mask[::-1].copy(), "pool": pool[::-1].copy()})[0]
+    assert (_bits(rev[::-1]) == _bits(ref)).all()
+    # no prompt: the pooling mask equals the attention mask and the result is the plain pooling's
+    plain = pool_reference(hidden, mask, modes)
+    assert (_bits(pool_reference(hidden, mask, modes, pool_mask=mask)) == _bits(plain)).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_exclusion_means_what_sentence_transformers_means(mode) -> None:
+    """Against sentence-transformers' own Pooling(include_prompt=False) module (torch), every mode."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    st_mode = {"mean_sqrt_len": "mean_sqrt_len_tokens"}.get(mode, mode)
+    module = Pooling(H, pooling_mode=st_mode, include_prompt=False)
+    rng = np.random.default_rng(4)
+    lengths = [9, 5, 17, 48]
+    hidden, mask = _batch(rng, lengths, MAX_LEN)
+    # one prompt length per batch, as sentence-transformers passes it; 5 covers the whole second row
+    # (max pooling is left out there: sentence-transformers fills with -inf, we with -1e9)
+    changed = []
+    for prompt_length in (1, 3, 5):
+        keep = [i for i, n in enumerate(lengths) if n > prompt_length or mode != "max"]
+        h, m = hidden[keep], mask[keep]
+        features = {"token_embeddings": torch.from_numpy(h), "attention_mask": torch.from_numpy(m),
+                    "prompt_length": prompt_length}
+        expected = module(features)["sentence_embedding"].numpy()
+        got = pool_reference(h, m, [mode], pool_mask=_pool_mask(m, [prompt_length] * len(keep)))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        changed.append(bool((got != pool_reference(h, m, [mode])).any()))
+    assert any(changed)  # the prompt's exclusion did change something (lasttoken: only the covered row)

@@ -15,7 +15,7 @@ from stableembed import Encoder
 
 class GatedEncoder:
     """The real Encoder's interface and results, but every `encode` waits for `gate` to open; `calls`
-    records the texts of each batch."""
+    records the texts of each batch, `prompts` its prompt."""
 
     def __init__(self, encoder: Encoder):
         self.inner = encoder
@@ -25,14 +25,16 @@ class GatedEncoder:
         self.max_length = encoder.max_length
         self.gate = threading.Event()
         self.calls: list[list[str]] = []
+        self.prompts: list[str | None] = []  # the `prompt` of each call (None: not passed)
         self.entered = threading.Semaphore(0)
 
-    def encode(self, texts, batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts, batch_size: int = 32, show_progress: bool = False, **prompt) -> np.ndarray:
         self.calls.append(list(texts))
+        self.prompts.append(prompt.get("prompt"))
         self.entered.release()
         if not self.gate.wait(60):
             raise TimeoutError("the test never opened the gate")
-        return self.inner.encode(texts, batch_size=batch_size)
+        return self.inner.encode(texts, batch_size=batch_size, **prompt)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
