@@ -17,6 +17,7 @@ from prompt_models import prompted_model  # noqa: E402
 
 from stableembed import Encoder  # noqa: E402
 from stableembed.cli import main  # noqa: E402
+from stableembed.export.parity import PARITY_TOLERANCE  # noqa: E402
 from stableembed.runtime.verify import same_bits  # noqa: E402
 
 pytestmark = pytest.mark.slow  # exports tiny models
@@ -76,7 +77,7 @@ def test_verify_and_info_with_prompts(capsys) -> None:
     assert main(["verify", str(art), *TEXTS, "--prompt-name", "instruct", "--parity", str(src)]) == 0
     out = capsys.readouterr().out
     assert "with the prompt 'Represent this sentence" in out and "fresh process" in out
-    assert "within 0.99999 / 1e-5" in out and "verdict: OK" in out
+    assert f"within {PARITY_TOLERANCE}" in out and "verdict: OK" in out
     assert main(["verify", str(art), *TEXTS, "--prompt", "q: ", "--no-subprocess"]) == 0
     assert "with the prompt 'q: '" in capsys.readouterr().out
     assert main(["info", str(art)]) == 0
