@@ -15,12 +15,14 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-300)
 
 
-def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, str]:
+def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int,
+                         trust_remote_code: bool = False) -> tuple[np.ndarray, str]:
     """sentence-transformers' own embeddings (one text at a time, so no padding is involved)."""
     from .._extras import require
 
     st = require("sentence_transformers", "export")
-    model = st.SentenceTransformer(str(model_path), device="cpu")
+    model = st.SentenceTransformer(str(model_path), device="cpu", trust_remote_code=trust_remote_code,
+                                   local_files_only=True)
     model.max_seq_length = max_length
     emb = np.stack([model.encode([t], convert_to_numpy=True)[0] for t in texts]).astype(np.float32)
     return emb, f"sentence-transformers {st.__version__}"
