@@ -94,7 +94,7 @@ def export_model(
     with atomic_folder(Path(out), overwrite) as tmp:
         with tempfile.TemporaryDirectory() as work:
             traced = Path(work) / "transformer.onnx"
-            trace_transformer(model, traced, inputs, opset, exporter)
+            opset = trace_transformer(model, traced, inputs, opset, exporter)
             dim = assemble(traced, src, tmp / "model.onnx")
         _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
         cfg = src.config

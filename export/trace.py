@@ -50,8 +50,10 @@ def uses_token_type_ids(model) -> bool:
     return "token_type_ids" in params and int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
 
 
-def trace_transformer(model, out: Path, input_names: list[str], opset: int, exporter: str) -> None:
-    """Write an ONNX graph mapping `input_names` to `token_embeddings` [batch, seq, hidden]."""
+def trace_transformer(model, out: Path, input_names: list[str], opset: int, exporter: str) -> int:
+    """Write an ONNX graph mapping `input_names` to `token_embeddings` [batch, seq, hidden]; returns the
+    graph's opset, which the dynamo exporter may leave above `opset` when it cannot convert the graph down
+    (Gemma3: opset 18)."""
     torch = require("torch", "export")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -84,3 +86,6 @@ def trace_transformer(model, out: Path, input_names: list[str], opset: int, expo
         warnings.simplefilter("ignore")
         torch.onnx.export(TokenEmbeddings(model), args, str(out), dynamo=exporter == "dynamo",
                           external_data=False, **kwargs)
+    onnx = require("onnx", "export")
+    graph = onnx.load(str(out), load_external_data=False)
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))

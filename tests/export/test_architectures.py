@@ -229,6 +229,8 @@ def test_dynamo_exporter(tiny_zoo, st_reference) -> None:
 def test_family_exporter_is_recorded(tiny_zoo) -> None:
     """Each family exports with its own exporter unless told otherwise; the manifest records which, and the
     family the architecture was recognized as."""
+    import onnx
+
     from stableembed.export.families import FAMILIES, family_for
 
     for case in ARCH_CASES:
@@ -238,6 +240,8 @@ def test_family_exporter_is_recorded(tiny_zoo) -> None:
         family = family_for(config, trust_remote_code=ARCHS[case.arch].remote_code)
         assert raw["exporter"] == family.exporter and raw["architecture"]["family"] == family.name, case.id
         assert raw["architecture"]["remote_code"] == ARCHS[case.arch].remote_code
+        graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+        assert raw["opset"] == next(o.version for o in graph.opset_import if o.domain == "")  # gemma3: 18
     assert {f.name for f in FAMILIES} >= {"Qwen3", "Qwen2", "Gemma3 (text)", "ModernBERT"}
 
 
@@ -368,7 +372,8 @@ def test_int8_bit_exact(case: Case, tiny_zoo, tmp_path: Path) -> None:
     export_model(tiny_zoo.source(case), out, precision="int8", parity=False,
                  trust_remote_code=ARCHS[case.arch].remote_code)
     q = load_manifest(out).raw["quantization"]
-    assert q["quantized_matmuls"] >= 4 * 2 and q["kept_fp32"] == [], q["kept_fp32"]  # >= q, k, v, o per layer
+    assert q["quantized_matmuls"] >= 4 * 2, q  # at least q, k, v, o of each layer
+    assert all(n.startswith("stableembed/dense") for n in q["kept_fp32"]), q["kept_fp32"]  # only the Dense head
     texts = stability_texts()
     alone = np.stack([Encoder(out, threads=1).encode(t) for t in texts])
     cos = cosine_rows(alone, Encoder(fp32).encode(texts))
@@ -377,3 +382,19 @@ def test_int8_bit_exact(case: Case, tiny_zoo, tmp_path: Path) -> None:
         order = random.Random(threads).sample(range(len(texts)), len(texts))
         batched = Encoder(out, mode=mode, threads=threads).encode([texts[i] for i in order], batch_size=batch_size)
         assert same_bits(batched, alone[order]).all(), (mode, threads)
+
+
+def test_decoder_parity_with_left_padded_batches(tiny_zoo) -> None:
+    """Qwen-style tokenizers pad on the left in sentence-transformers, so a short text's positions shift with
+    the batch; rotary attention is relative, so our right-padded, as-if-alone result stays within parity."""
+    from sentence_transformers import SentenceTransformer
+
+    case = next(c for c in ARCH_CASES if c.arch == "qwen3")
+    art, _ = tiny_zoo.artifact(case)
+    model = SentenceTransformer(str(tiny_zoo.source(case)), device="cpu", local_files_only=True)
+    assert model.tokenizer.padding_side == "left"
+    texts = parity_texts()
+    ref = model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+    ours = Encoder(art).encode(texts)
+    assert cosine_rows(ours, ref).min() >= MIN_COSINE
+    assert np.abs(ours - ref).max() <= MAX_ABS_DIFF
