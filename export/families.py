@@ -34,7 +34,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2", ("qwen2",), "torchscript", "rotary", "causal, grouped-query"),
     # TorchScript's ONNX pass fails on Gemma3's mask code (RuntimeError `unordered_map::at`): torch.export
     Family("Gemma3 (text)", ("gemma3_text",), "dynamo", "rotary (local and global bases)",
-           "bidirectional or causal (config), sliding-window layers, grouped-query"),
+           "bidirectional (use_bidirectional_attention) or causal, sliding-window and global layers, "
+           "grouped-query"),
     Family("ModernBERT", ("modernbert",), "torchscript", "rotary (local and global bases)",
            "bidirectional, alternating sliding-window and global layers"),
 )
