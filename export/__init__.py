@@ -12,11 +12,12 @@ from typing import Sequence
 
 from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
 from .artifact import atomic_folder, default_buckets, write_manifest
+from .families import FAMILIES, Family, family_for
 from .source import Source, config_value, read_source
 
 PRECISIONS = ("fp32", "int8")
 
-__all__ = ["export_model", "read_source", "Source", "PRECISIONS"]
+__all__ = ["export_model", "read_source", "Source", "PRECISIONS", "FAMILIES", "Family", "family_for"]
 
 
 def _versions() -> dict[str, str]:
@@ -52,12 +53,13 @@ def export_model(
     precision: str = "fp32",
     max_length: int | None = None,
     opset: int = 17,
-    exporter: str = "torchscript",
+    exporter: str | None = None,
     buckets: Sequence[Sequence[int]] | None = None,
     parity: bool = True,
     overwrite: bool = False,
     calibration_texts: Sequence[str] | None = None,
     quality_texts: Sequence[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> Manifest:
     """Export the local model folder `source` to the artifact folder `out` and return its manifest.
 
@@ -67,6 +69,9 @@ def export_model(
     precision "int8" (see export/quantize.py) calibrates on `calibration_texts` (default: even lines of
     the bundled sample) and, with `parity`, records its quality against float32 sentence-transformers on
     `quality_texts` (default: the odd lines, held out from calibration).
+    `exporter` None takes the model family's own (see export/families.py); an architecture outside the
+    supported families is refused. `trust_remote_code` lets a model run the modeling code it ships in
+    its folder (never code from elsewhere); off by default.
     """
     from .assemble import OUTPUT, POOLING_MASK, assemble
     from .trace import load_transformer, trace_transformer, uses_token_type_ids
@@ -74,6 +79,8 @@ def export_model(
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported; choose one of {PRECISIONS}")
     src = read_source(source)
+    family = family_for(src.config, trust_remote_code, where=str(src.transformer_path / "config.json"))
+    exporter = exporter or family.exporter
     if max_length is not None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -82,7 +89,7 @@ def export_model(
     if max(t for _, t in bucket_list) < src.max_length:
         raise ValueError(f"fixed buckets must include a length >= max_length ({src.max_length})")
 
-    model = load_transformer(src.transformer_path)
+    model = load_transformer(src.transformer_path, trust_remote_code)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_type_ids(model) else [])
     traced_inputs = list(inputs)
     if not src.include_prompt:
@@ -90,7 +97,7 @@ def export_model(
     with atomic_folder(Path(out), overwrite) as tmp:
         with tempfile.TemporaryDirectory() as work:
             traced = Path(work) / "transformer.onnx"
-            trace_transformer(model, traced, traced_inputs, opset, exporter)
+            opset = trace_transformer(model, traced, traced_inputs, opset, exporter)
             dim = assemble(traced, src, tmp / "model.onnx")
         _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
         cfg = src.config
@@ -103,7 +110,9 @@ def export_model(
             "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
             "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
                              "hidden_size": src.hidden_size, "layers": config_value(cfg, "num_hidden_layers"),
-                             "heads": config_value(cfg, "num_attention_heads")},
+                             "heads": config_value(cfg, "num_attention_heads"), "family": family.name,
+                             "positions": family.positions, "attention": family.attention,
+                             "remote_code": family.model_types == ()},
             "inputs": inputs,
             "output": OUTPUT,
             "dim": dim,
@@ -126,15 +135,15 @@ def export_model(
         }
         write_manifest(tmp, manifest)
         if precision == "int8":
-            _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity)
+            _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity, trust_remote_code)
         if parity:
-            manifest["parity"] = _measure_parity(tmp, src)
+            manifest["parity"] = _measure_parity(tmp, src, trust_remote_code)
             write_manifest(tmp, manifest)
     return load_manifest(out)
 
 
 def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts: Sequence[str] | None,
-                   quality_texts: Sequence[str] | None, quality: bool) -> None:
+                   quality_texts: Sequence[str] | None, quality: bool, trust_remote_code: bool = False) -> None:
     """Rewrite the fp32 model in `folder` to int8 and record how, and how well, in the manifest."""
     from ..data import sample_texts
     from .quantize import quality_figures, quantize_artifact, split_sample
@@ -146,17 +155,18 @@ def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts:
         texts = held if quality_texts is None else list(quality_texts)
         data = ("bundled sample, odd lines (held out from calibration)" if quality_texts is None
                 else "texts given to export_model(quality_texts=...)")
-        manifest["quantization"]["quality"] = quality_figures(folder, src.path, texts, src.max_length, data=data)
+        manifest["quantization"]["quality"] = quality_figures(folder, src.path, texts, src.max_length, data=data,
+                                                                trust_remote_code=trust_remote_code)
         write_manifest(folder, manifest)
 
 
-def _measure_parity(folder: Path, src: Source) -> dict:
+def _measure_parity(folder: Path, src: Source, trust_remote_code: bool = False) -> dict:
     from ..data import sample_texts
     from ..runtime import Encoder
     from .parity import parity_figures, reference_embeddings
 
     texts = sample_texts()
     ours = Encoder(folder).encode(texts)
-    ref, name = reference_embeddings(src.path, texts, src.max_length)
+    ref, name = reference_embeddings(src.path, texts, src.max_length, trust_remote_code=trust_remote_code)
     return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
             **parity_figures(ours, ref)}

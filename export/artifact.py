@@ -13,14 +13,20 @@ from typing import Iterator
 from ..runtime.manifest import MANIFEST, sha256_file
 
 
+# Largest padded size (batch x length) of a default fixed bucket other than batch 1: long-context models
+# (8k-32k tokens) would otherwise get 32 x 8192 buckets whose attention scores alone take gigabytes.
+BUCKET_TOKENS = 32 * 512
+
+
 def default_buckets(max_length: int) -> list[list[int]]:
-    """Power-of-two lengths from 16 up to max_length (and max_length itself), each with batch 1, 8 and 32."""
+    """Power-of-two lengths from 16 up to max_length (and max_length itself), each with batch 1, 8 and 32
+    where batch x length <= BUCKET_TOKENS (batch 1 always)."""
     lengths, n = [], 16
     while n < max_length:
         lengths.append(n)
         n *= 2
     lengths.append(max_length)
-    return [[b, t] for t in lengths for b in (1, 8, 32)]
+    return [[b, t] for t in lengths for b in (1, 8, 32) if b == 1 or b * t <= BUCKET_TOKENS]
 
 
 def parse_buckets(text: str) -> list[list[int]]:

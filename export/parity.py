@@ -34,13 +34,14 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def reference_embeddings(model_path: Path, texts: Sequence[str], max_length: int, prompt_name: str | None = None,
-                         prompt: str | None = None) -> tuple[np.ndarray, str]:
+                         prompt: str | None = None, trust_remote_code: bool = False) -> tuple[np.ndarray, str]:
     """sentence-transformers' own embeddings (one text at a time, so no padding is involved); the prompt
     arguments are its `encode`'s (none: the model's default prompt, if it has one)."""
     from .._extras import require
 
     st = require("sentence_transformers", "export")
-    model = st.SentenceTransformer(str(model_path), device="cpu")
+    model = st.SentenceTransformer(str(model_path), device="cpu", trust_remote_code=trust_remote_code,
+                                   local_files_only=True)
     model.max_seq_length = max_length
     emb = np.stack([model.encode([t], convert_to_numpy=True, prompt_name=prompt_name, prompt=prompt)[0]
                     for t in texts]).astype(np.float32)

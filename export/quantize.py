@@ -341,18 +341,20 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(top(a), top(b))]))
 
 
-def reference_batched(model_path: Path, texts: Sequence[str], max_length: int, batch_size: int = 32) -> tuple[np.ndarray, str]:
+def reference_batched(model_path: Path, texts: Sequence[str], max_length: int, batch_size: int = 32,
+                      trust_remote_code: bool = False) -> tuple[np.ndarray, str]:
     """sentence-transformers (torch, float32) embeddings in batches: for quality figures over many texts
     (padding moves torch's results by ~1e-7, far below what int8 changes)."""
     st = require("sentence_transformers", "export")
-    model = st.SentenceTransformer(str(model_path), device="cpu")
+    model = st.SentenceTransformer(str(model_path), device="cpu", trust_remote_code=trust_remote_code,
+                                   local_files_only=True)
     model.max_seq_length = max_length
     emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32), f"sentence-transformers {st.__version__} (torch float32)"
 
 
 def quality_figures(folder: Path, model_path: Path, texts: Sequence[str], max_length: int,
-                    reference: np.ndarray | None = None, data: str = "") -> dict:
+                    reference: np.ndarray | None = None, data: str = "", trust_remote_code: bool = False) -> dict:
     """int8 artifact against the float32 sentence-transformers reference on `texts`."""
     from ..runtime import Encoder
     from .parity import cosine_rows
@@ -360,7 +362,7 @@ def quality_figures(folder: Path, model_path: Path, texts: Sequence[str], max_le
     ours = Encoder(folder).encode(list(texts))
     name = "given reference embeddings"
     if reference is None:
-        reference, name = reference_batched(model_path, texts, max_length)
+        reference, name = reference_batched(model_path, texts, max_length, trust_remote_code=trust_remote_code)
     cos = cosine_rows(ours, reference)
     return {"reference": name, "data": data, "texts": len(texts), "mean_cosine": float(cos.mean()),
             "min_cosine": float(cos.min()), "top10_overlap": top_k_overlap(ours, reference)}

@@ -11,11 +11,36 @@ from .._extras import require
 EXPORTERS = ("torchscript", "dynamo")
 
 
-def load_transformer(folder: Path):
-    """The Hugging Face model in eval mode, fp32, with the plain (eager) attention that exports to standard ops."""
+def check_local_code(folder: Path, config: dict) -> None:
+    """Remote code may only come from Python files inside `folder`: an auto_map entry naming another
+    repository ("owner/repo--module.Class") or a module file that is not in the folder is refused."""
+    for key, ref in (config.get("auto_map") or {}).items():
+        for item in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if item is None:
+                continue
+            if "--" in item:
+                raise ValueError(f"{folder / 'config.json'}: auto_map {key} = {item!r} points to code in another "
+                                 f"repository; only code inside the model folder is loaded")
+            module = item.rsplit(".", 1)[0]
+            file = (folder / (module.replace(".", "/") + ".py")).resolve()
+            if folder.resolve() not in file.parents or not file.is_file():
+                raise ValueError(f"{folder / 'config.json'}: auto_map {key} = {item!r} needs {file.name}, which is "
+                                 f"not in the model folder")
+
+
+def load_transformer(folder: Path, trust_remote_code: bool = False):
+    """The Hugging Face model in eval mode, fp32, with the plain (eager) attention that exports to standard ops.
+
+    With `trust_remote_code`, a model whose config maps AutoModel to its own modeling code runs that code,
+    read from `folder` only (never fetched from a hub)."""
     require("torch", "export")
     transformers = require("transformers", "export")
-    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager")
+    if trust_remote_code:
+        import json
+
+        check_local_code(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager",
+                                                   trust_remote_code=trust_remote_code, local_files_only=True)
     return model.float().eval()
 
 
@@ -25,8 +50,10 @@ def uses_token_type_ids(model) -> bool:
     return "token_type_ids" in params and int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
 
 
-def trace_transformer(model, out: Path, input_names: list[str], opset: int, exporter: str) -> None:
-    """Write an ONNX graph mapping `input_names` to `token_embeddings` [batch, seq, hidden]."""
+def trace_transformer(model, out: Path, input_names: list[str], opset: int, exporter: str) -> int:
+    """Write an ONNX graph mapping `input_names` to `token_embeddings` [batch, seq, hidden]; returns the
+    graph's opset, which the dynamo exporter may leave above `opset` when it cannot convert the graph down
+    (Gemma3: opset 18)."""
     torch = require("torch", "export")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -59,3 +86,6 @@ def trace_transformer(model, out: Path, input_names: list[str], opset: int, expo
         warnings.simplefilter("ignore")
         torch.onnx.export(TokenEmbeddings(model), args, str(out), dynamo=exporter == "dynamo",
                           external_data=False, **kwargs)
+    onnx = require("onnx", "export")
+    graph = onnx.load(str(out), load_external_data=False)
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))

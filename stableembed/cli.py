@@ -26,6 +26,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     manifest = export_model(args.source, args.out, precision=args.precision, max_length=args.max_length,
                             opset=args.opset, exporter=args.exporter, overwrite=args.overwrite,
+                            trust_remote_code=args.trust_remote_code,
                             buckets=parse_buckets(args.buckets) if args.buckets else None, parity=not args.no_parity)
     print(f"wrote {manifest.folder} (dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, "
           f"normalize {manifest.normalize}, max_length {manifest.max_length})")
@@ -117,7 +118,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from .runtime import Encoder
 
         source = Path(args.parity)
-        ref, name = reference_embeddings(source, texts, manifest.max_length, **prompt)
+        # the artifact records whether its export ran the model's own code; the reference then must too
+        remote = bool(manifest.raw.get("architecture", {}).get("remote_code"))
+        ref, name = reference_embeddings(source, texts, manifest.max_length, trust_remote_code=remote, **prompt)
         p = parity_figures(Encoder(args.artifact, provider=args.provider).encode(texts, **prompt), ref)
         good = PARITY_TOLERANCE.accepts(p)
         ok = ok and good
@@ -194,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=PRECISIONS)
     e.add_argument("--max-length", type=int, default=None, help="default: the model's own max_seq_length")
     e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    e.add_argument("--exporter", default=None, choices=["torchscript", "dynamo"],
+                   help="torch exporter (default: the model family's, recorded in the manifest)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped inside the model folder (never code from elsewhere)")
     e.add_argument("--buckets", default=None, help="fixed shapes, e.g. 1x16,8x16,32x128 (batch x length)")
     e.add_argument("--no-parity", action="store_true", help="skip the sentence-transformers comparison")
     e.add_argument("--overwrite", action="store_true")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,10 @@ from tiny_models import ARCHS, POSITIONS, Case, build_st_folder, corpus
 
 MIN_COSINE, MAX_ABS_DIFF = PARITY_TOLERANCE
 
-ARCH_CASES = [Case(f"{a}-mean-normalize", arch=a, normalize=True) for a in ARCHS]
+# each architecture with its family's published head (mean for the encoders, last token for the decoders,
+# mean + two Dense for Gemma3), then Normalize
+ARCH_CASES = [Case(f"{a}-{'+'.join(arch.pooling)}{'-dense' if arch.dense else ''}-normalize", arch=a,
+                   pooling=arch.pooling, dense=arch.dense, normalize=True) for a, arch in ARCHS.items()]
 HEAD_CASES = [  # heads share one architecture (BERT) to keep the run short
     *(Case(f"bert-{m}", pooling=(m,)) for m in ("cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")),
     Case("bert-cls+mean", pooling=("cls", "mean")),
@@ -69,7 +73,8 @@ def st_reference():
     def embed(folder: Path, texts: list[str]) -> tuple[np.ndarray, int]:
         key = (folder, tuple(texts))
         if key not in cache:
-            model = SentenceTransformer(str(folder), device="cpu")
+            # trust_remote_code: the custom-code case runs the code the test wrote into its folder
+            model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True, local_files_only=True)
             emb = np.stack([model.encode([t], convert_to_numpy=True)[0] for t in texts]).astype(np.float32)
             cache[key] = (emb, int(model.max_seq_length))
         return cache[key]
@@ -218,3 +223,177 @@ def test_dynamo_exporter(tiny_zoo, st_reference) -> None:
     for mode, threads in (("dynamic", 2), ("fixed", 1)):
         batched = Encoder(art, mode=mode, threads=threads).encode(stability_texts(), batch_size=8)
         assert same_bits(batched, alone).all(), (mode, threads)
+
+
+def test_family_exporter_is_recorded(tiny_zoo) -> None:
+    """Each family exports with its own exporter unless told otherwise; the manifest records which, and the
+    family the architecture was recognized as."""
+    import onnx
+
+    from stableembed.export.families import FAMILIES, family_for
+
+    for case in ARCH_CASES:
+        art, _ = tiny_zoo.artifact(case)
+        raw = load_manifest(art, check_hashes=False).raw
+        config = json.loads((tiny_zoo.transformers(case.arch) / "config.json").read_text(encoding="utf-8"))
+        family = family_for(config, trust_remote_code=ARCHS[case.arch].remote_code)
+        assert raw["exporter"] == family.exporter and raw["architecture"]["family"] == family.name, case.id
+        assert raw["architecture"]["remote_code"] == ARCHS[case.arch].remote_code
+        graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+        assert raw["opset"] == next(o.version for o in graph.opset_import if o.domain == "")  # gemma3: 18
+    assert {f.name for f in FAMILIES} >= {"Qwen3", "Qwen2", "Gemma3 (text)", "ModernBERT"}
+
+
+def test_unsupported_architecture_is_refused(tiny_zoo, tmp_path: Path) -> None:
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_zoo.transformers("bert"), folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config.update(model_type="gpt2", architectures=["GPT2Model"])
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    out = tmp_path / "art"
+    with pytest.raises(ValueError, match=r"'gpt2' \(GPT2Model\) is not supported.*bert.*gemma3_text.*modernbert.*qwen3"):
+        export_model(folder, out, parity=False)
+    assert not out.exists()
+
+
+def test_remote_code_needs_the_flag(tiny_zoo, tmp_path: Path, capsys) -> None:
+    from stableembed.cli import main
+
+    src = tiny_zoo.source(next(c for c in ARCH_CASES if c.arch == "custom"))
+    out = tmp_path / "art"
+    with pytest.raises(ValueError, match=r"modeling_tiny_custom\.TinyCustomModel.*trust_remote_code=True "
+                                         r"\(--trust-remote-code\)"):
+        export_model(src, out, parity=False)
+    assert main(["export", str(src), str(out), "--no-parity"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_remote_code_only_from_the_folder(tiny_zoo, tmp_path: Path) -> None:
+    """With the flag, code named outside the folder (another repository, a missing file) is still refused."""
+    base = tiny_zoo.transformers("custom")
+    for ref, message in (("someone/other-repo--modeling_tiny_custom.TinyCustomModel", "another repository"),
+                         ("modeling_elsewhere.TinyCustomModel", "modeling_elsewhere.py, which is not in the model")):
+        folder = tmp_path / message.split()[0].replace(".", "_")
+        shutil.copytree(base, folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config["auto_map"]["AutoModel"] = ref
+        (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            export_model(folder, tmp_path / "art", parity=False, trust_remote_code=True)
+
+
+def test_cli_trust_remote_code_flag(tiny_zoo, tmp_path: Path) -> None:
+    from stableembed.cli import main
+
+    src = tiny_zoo.source(next(c for c in ARCH_CASES if c.arch == "custom"))
+    out = tmp_path / "art"
+    assert main(["export", str(src), str(out), "--trust-remote-code", "--no-parity"]) == 0
+    raw = load_manifest(out).raw
+    assert raw["architecture"]["remote_code"] is True and raw["architecture"]["model_type"] == "tiny-custom-encoder"
+
+
+@pytest.mark.parametrize("case", [_case_param(c) for c in ARCH_CASES])
+def test_hidden_states_batch_and_padding_invariant(case: Case, tiny_zoo) -> None:
+    """The transformer's own output (before our kernels) for real tokens, per family: each text alone vs in a
+    batch with companions and extra padding, 1 and 2 threads, compared bit for bit. This is what lets the
+    pooling kernels alone carry the guarantee (rotary, causal / sliding-window masks, GQA, RMSNorm included)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    art, _ = tiny_zoo.artifact(case)
+    manifest = load_manifest(art, check_hashes=False)
+    model = onnx.load(str(art / "model.onnx"))
+    model.graph.output.append(helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, None))
+    enc = Encoder(art, check_hashes=False)
+    ids = [e.ids for e in enc.tokenizer.encode(stability_texts())]
+    ids = [seq for seq in ids if len(seq) <= manifest.max_length // 2][:12]
+    length = manifest.max_length  # padding of max_length // 2 tokens or more on every row
+    feeds = {n: np.zeros((len(ids), length), dtype=np.int64) for n in manifest.inputs}
+    feeds["input_ids"][:] = manifest.pad_id
+    for row, seq in enumerate(ids):
+        feeds["input_ids"][row, :len(seq)] = seq
+        feeds["attention_mask"][row, :len(seq)] = 1
+    for threads in (1, 2):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        batched = sess.run(["token_embeddings"], feeds)[0]
+        for row, seq in enumerate(ids):
+            alone = sess.run(["token_embeddings"], {n: v[row:row + 1, :len(seq)] for n, v in feeds.items()})[0][0]
+            assert same_bits(batched[row, :len(seq)], alone).all(), (threads, row, len(seq))
+
+
+@pytest.mark.parametrize("case", [_case_param(c) for c in ARCH_CASES])
+def test_hidden_states_batch_and_padding_invariant(case: Case, tiny_zoo) -> None:
+    """The transformer's own output (before our kernels) for real tokens, per family: each text alone vs in a
+    batch with companions and extra padding, 1 and 2 threads, compared bit for bit. This is what lets the
+    pooling kernels alone carry the guarantee (rotary, causal / sliding-window masks, GQA, RMSNorm included)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    art, _ = tiny_zoo.artifact(case)
+    manifest = load_manifest(art, check_hashes=False)
+    model = onnx.load(str(art / "model.onnx"))
+    model.graph.output.append(helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, None))
+    enc = Encoder(art, check_hashes=False)
+    ids = [e.ids for e in enc.tokenizer.encode(stability_texts())]
+    ids = [seq for seq in ids if len(seq) <= manifest.max_length // 2][:12]
+    length = manifest.max_length  # padding of max_length // 2 tokens or more on every row
+    feeds = {n: np.zeros((len(ids), length), dtype=np.int64) for n in manifest.inputs}
+    feeds["input_ids"][:] = manifest.pad_id
+    for row, seq in enumerate(ids):
+        feeds["input_ids"][row, :len(seq)] = seq
+        feeds["attention_mask"][row, :len(seq)] = 1
+    for threads in (1, 2):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        batched = sess.run(["token_embeddings"], feeds)[0]
+        for row, seq in enumerate(ids):
+            alone = sess.run(["token_embeddings"], {n: v[row:row + 1, :len(seq)] for n, v in feeds.items()})[0][0]
+            assert same_bits(batched[row, :len(seq)], alone).all(), (threads, row, len(seq))
+
+
+NEW_FAMILY_CASES = [c for c in ARCH_CASES if c.arch in ("qwen3", "qwen2", "gemma3", "modernbert", "custom")]
+INT8_MIN_COSINE = 0.99  # int8 vs the family's fp32 artifact, per text, on the tiny random models
+
+
+@pytest.mark.slow  # one more export (with calibration) per family
+@pytest.mark.parametrize("case", [_case_param(c) for c in NEW_FAMILY_CASES])
+def test_int8_bit_exact(case: Case, tiny_zoo, tmp_path: Path) -> None:
+    """int8 export of each new family: every constant-weight MatMul quantized per row, each text bit-identical
+    whatever the batch (dynamic and fixed, 1 and 2 threads), and close to the family's fp32 artifact."""
+    fp32, _ = tiny_zoo.artifact(case)
+    out = tmp_path / "int8"
+    export_model(tiny_zoo.source(case), out, precision="int8", parity=False,
+                 trust_remote_code=ARCHS[case.arch].remote_code)
+    q = load_manifest(out).raw["quantization"]
+    assert q["quantized_matmuls"] >= 4 * 2, q  # at least q, k, v, o of each layer
+    assert all(n.startswith("stableembed/dense") for n in q["kept_fp32"]), q["kept_fp32"]  # only the Dense head
+    texts = stability_texts()
+    alone = np.stack([Encoder(out, threads=1).encode(t) for t in texts])
+    cos = cosine_rows(alone, Encoder(fp32).encode(texts))
+    assert cos.min() >= INT8_MIN_COSINE, f"int8 vs fp32: min cosine {cos.min()}, mean {cos.mean()}"
+    for mode, threads, batch_size in (("dynamic", 2, 8), ("dynamic", 1, 32), ("fixed", 2, 32)):
+        order = random.Random(threads).sample(range(len(texts)), len(texts))
+        batched = Encoder(out, mode=mode, threads=threads).encode([texts[i] for i in order], batch_size=batch_size)
+        assert same_bits(batched, alone[order]).all(), (mode, threads)
+
+
+def test_decoder_parity_with_left_padded_batches(tiny_zoo) -> None:
+    """Qwen-style tokenizers pad on the left in sentence-transformers, so a short text's positions shift with
+    the batch; rotary attention is relative, so our right-padded, as-if-alone result stays within parity."""
+    from sentence_transformers import SentenceTransformer
+
+    case = next(c for c in ARCH_CASES if c.arch == "qwen3")
+    art, _ = tiny_zoo.artifact(case)
+    model = SentenceTransformer(str(tiny_zoo.source(case)), device="cpu", local_files_only=True)
+    assert model.tokenizer.padding_side == "left"
+    texts = parity_texts()
+    ref = model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+    ours = Encoder(art).encode(texts)
+    assert cosine_rows(ours, ref).min() >= MIN_COSINE
+    assert np.abs(ours - ref).max() <= MAX_ABS_DIFF

@@ -33,8 +33,11 @@ VOCAB_SIZE = 600
 class Arch:
     name: str  # our key
     model_type: str
-    tokenizer: str  # "wordpiece" | "bpe" | "unigram"
+    tokenizer: str  # "wordpiece" | "bpe" | "unigram" | "bpe-template" (special tokens added by a template)
     uses_token_types: bool  # whether the export must take token_type_ids
+    pooling: tuple[str, ...] = ("mean",)  # the head its family is published with (ARCH_CASES)
+    dense: tuple[tuple, ...] = ()
+    remote_code: bool = False  # the modeling code ships in the folder (auto_map): needs trust_remote_code
 
 
 ARCHS = {
@@ -44,17 +47,48 @@ ARCHS = {
     "mpnet": Arch("mpnet", "mpnet", "wordpiece", False),
     "distilbert": Arch("distilbert", "distilbert", "wordpiece", False),
     "electra": Arch("electra", "electra", "wordpiece", True),
+    # decoder embedders (Qwen3-Embedding style): last-token pooling on the end-of-text token the tokenizer appends
+    "qwen3": Arch("qwen3", "qwen3", "bpe-template", False, ("lasttoken",)),
+    "qwen2": Arch("qwen2", "qwen2", "bpe-template", False, ("lasttoken",)),
+    # bidirectional Gemma3 (EmbeddingGemma style): mean pooling, two Dense layers (no bias, identity)
+    "gemma3": Arch("gemma3", "gemma3_text", "bpe-template", False, ("mean",),
+                   ((64, "Identity", False), (32, "Identity", False))),
+    "modernbert": Arch("modernbert", "modernbert", "bpe-template", False),
+    # custom-code encoder (as NomicBERT, GTE "new", Jina v2 ship theirs): the classes below, in the folder
+    "custom": Arch("custom", "tiny-custom-encoder", "wordpiece", False, remote_code=True),
 }
+# Sliding window of the tiny Gemma3 / ModernBERT models: far below the texts' lengths, so the local layers'
+# masks cut real tokens.
+WINDOW = 8
 
 # Special tokens, in the id order the published checkpoints use.
 _SPECIALS = {
     "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "electra": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "custom": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "mpnet": ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"],
     "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "gemma3": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+    # ModernBERT's own ids: pad, cls and sep are none of 0, 1, 2 (as in the published checkpoints' order)
+    "modernbert": ["<|endoftext|>", "<|padding|>", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
 }
+# bpe-template tokenizers: the post-processor's template and the tokenizer's named special tokens.
+_TEMPLATES = {
+    "qwen3": ("$A <|endoftext|>", dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left")),
+    "qwen2": ("$A <|endoftext|>", dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left")),
+    "gemma3": ("<bos> $A <eos>", dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                      mask_token="<mask>")),
+    "modernbert": ("[CLS] $A [SEP]", dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+                                         mask_token="[MASK]")),
+}
+# Qwen's NFC normalizer and pre-tokenizer split (as its published tokenizer.json has them), so that transformers' Qwen2Tokenizer,
+# which rebuilds the split from its own pattern, tokenizes exactly as the tokenizer.json we export.
+_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def corpus() -> list[str]:
@@ -79,7 +113,8 @@ def _train_tokenizer(arch: Arch):
         tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials))
         vocab = tok.get_vocab()
         cls = {"bert": transformers.BertTokenizer, "distilbert": transformers.DistilBertTokenizer,
-               "electra": transformers.ElectraTokenizer, "mpnet": transformers.MPNetTokenizer}[arch.name]
+               "electra": transformers.ElectraTokenizer, "mpnet": transformers.MPNetTokenizer,
+               "custom": transformers.BertTokenizer}[arch.name]
         kwargs = {"unk_token": "[UNK]"} if arch.name == "mpnet" else {}
         return cls(vocab=vocab, do_lower_case=True, model_max_length=POSITIONS, **kwargs)
     if arch.tokenizer == "bpe":
@@ -99,6 +134,24 @@ def _train_tokenizer(arch: Arch):
             vocab_size=VOCAB_SIZE, special_tokens=specials, unk_token="<unk>"))
         vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
         return transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=POSITIONS)
+    if arch.tokenizer == "bpe-template":
+        from tokenizers import Regex, processors
+
+        tok = Tokenizer(models.BPE())
+        if arch.name.startswith("qwen"):
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        template, named = _TEMPLATES[arch.name]
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in specials if t in template.split()])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=POSITIONS, **named)
     raise ValueError(arch.tokenizer)
 
 
@@ -126,11 +179,121 @@ def _config(arch: Arch, tokenizer):
         return transformers.DistilBertConfig(vocab_size=vocab, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS,
                                              hidden_dim=INTERMEDIATE, max_position_embeddings=POSITIONS,
                                              pad_token_id=tokenizer.pad_token_id)
+    small = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS)
+    if arch.name in ("qwen3", "qwen2"):
+        cls = transformers.Qwen3Config if arch.name == "qwen3" else transformers.Qwen2Config
+        eos = tokenizer.eos_token_id
+        return cls(num_key_value_heads=2, pad_token_id=eos, eos_token_id=eos, bos_token_id=eos,
+                   tie_word_embeddings=True, **small)
+    if arch.name == "gemma3":
+        # 3 layers: two sliding-window layers, then a global one
+        return transformers.Gemma3TextConfig(
+            **{**small, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=HIDDEN // HEADS,
+            sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            use_bidirectional_attention=True, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if arch.name == "modernbert":
+        # 3 layers: global, local (sliding window), global
+        return transformers.ModernBertConfig(
+            **{**small, "num_hidden_layers": 3}, local_attention=WINDOW, global_attn_every_n_layers=2,
+            pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id)
     raise ValueError(arch.name)
 
 
+CUSTOM_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyCustomConfig(PretrainedConfig):
+    model_type = "tiny-custom-encoder"
+
+    def __init__(self, vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(**kwargs)
+'''
+
+CUSTOM_MODEL = '''
+import math
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_tiny_custom import TinyCustomConfig
+
+
+class Block(torch.nn.Module):
+    """Post-norm self-attention and a SiLU feed-forward, written out by hand."""
+
+    def __init__(self, h, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(h, 3 * h)
+        self.out = torch.nn.Linear(h, h)
+        self.norm1 = torch.nn.LayerNorm(h)
+        self.up = torch.nn.Linear(h, 2 * h)
+        self.down = torch.nn.Linear(2 * h, h)
+        self.norm2 = torch.nn.LayerNorm(h)
+
+    def forward(self, x, bias):
+        b, t, h = x.shape
+        q, k, v = (z.reshape(b, t, self.heads, h // self.heads).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(h // self.heads) + bias, dim=-1)
+        x = self.norm1(x + self.out((att @ v).transpose(1, 2).reshape(b, t, h)))
+        return self.norm2(x + self.down(torch.nn.functional.silu(self.up(x))))
+
+
+class TinyCustomModel(PreTrainedModel):
+    config_class = TinyCustomConfig
+    base_model_prefix = "tiny"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos = torch.nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.blocks = torch.nn.ModuleList(Block(config.hidden_size, config.num_attention_heads)
+                                          for _ in range(config.num_hidden_layers))
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, return_dict=True, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.pos(positions)[None]
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        for block in self.blocks:
+            x = block(x, bias)
+        return BaseModelOutput(last_hidden_state=x)
+'''
+
+
+def _custom_config(folder: Path, tokenizer):
+    """Write the custom code and a config.json mapping to it; the config object, loaded through it."""
+    import transformers
+
+    (folder / "configuration_tiny_custom.py").write_text(CUSTOM_CONFIG, encoding="utf-8")
+    (folder / "modeling_tiny_custom.py").write_text(CUSTOM_MODEL, encoding="utf-8")
+    config = {"model_type": "tiny-custom-encoder", "architectures": ["TinyCustomModel"],
+              "auto_map": {"AutoConfig": "configuration_tiny_custom.TinyCustomConfig",
+                           "AutoModel": "modeling_tiny_custom.TinyCustomModel"},
+              "vocab_size": len(tokenizer), "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "max_position_embeddings": POSITIONS,
+              "pad_token_id": tokenizer.pad_token_id}
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+
+
 def build_transformers_folder(arch_name: str, folder: Path, seed: int = 0) -> Path:
-    """A plain transformers model folder (config.json, model.safetensors, tokenizer files)."""
+    """A plain transformers model folder (config.json, model.safetensors, tokenizer files; for a custom-code
+    architecture also its configuration and modeling files, named in config.json's auto_map)."""
     import torch
     import transformers
 
@@ -138,9 +301,9 @@ def build_transformers_folder(arch_name: str, folder: Path, seed: int = 0) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(arch)
-    config = _config(arch, tokenizer)
+    config = _custom_config(folder, tokenizer) if arch.remote_code else _config(arch, tokenizer)
     torch.manual_seed(seed)
-    model = transformers.AutoModel.from_config(config).eval()
+    model = transformers.AutoModel.from_config(config, trust_remote_code=arch.remote_code).eval()
     # Random init makes LayerNorm weights exactly 1 and biases 0; perturb every parameter so no
     # structure hides a wrong graph.
     gen = torch.Generator().manual_seed(seed + 1)
@@ -180,7 +343,7 @@ def build_st_folder(
 ) -> Path:
     """A sentence-transformers folder: the transformer files at the root (as published models have them),
     modules.json, sentence_bert_config.json, 1_Pooling, then one `2_Dense`, `3_Dense`... per
-    (out_features, activation) in `dense` (activation: a torch.nn class path suffix such as "Tanh"),
+    (out_features, activation[, bias]) in `dense` (activation: a torch.nn class path suffix such as "Tanh"),
     then Normalize.
 
     `pooling` is a list of modes (legacy flag format) or a ready config dict.
@@ -216,19 +379,21 @@ def build_st_folder(
 
     rng = np.random.default_rng(seed)
     width = hidden * n_modes
-    for out_features, activation in dense:
+    for out_features, activation, *opt in dense:
+        bias = opt[0] if opt else True
         idx = len(modules)
         path = f"{idx}_Dense"
         (folder / path).mkdir(exist_ok=True)
         module_path = {"Identity": "torch.nn.modules.linear.Identity"}.get(
             activation, f"torch.nn.modules.activation.{activation}")
         (folder / path / "config.json").write_text(json.dumps(
-            {"in_features": width, "out_features": out_features, "bias": True,
+            {"in_features": width, "out_features": out_features, "bias": bias,
              "activation_function": module_path}, indent=2), encoding="utf-8")
         bound = 1 / np.sqrt(width)
-        save_file({"linear.weight": rng.uniform(-bound, bound, (out_features, width)).astype(np.float32),
-                   "linear.bias": rng.uniform(-bound, bound, (out_features,)).astype(np.float32)},
-                  str(folder / path / "model.safetensors"))
+        tensors = {"linear.weight": rng.uniform(-bound, bound, (out_features, width)).astype(np.float32)}
+        if bias:
+            tensors["linear.bias"] = rng.uniform(-bound, bound, (out_features,)).astype(np.float32)
+        save_file(tensors, str(folder / path / "model.safetensors"))
         modules.append({"idx": idx, "name": str(idx), "path": path, "type": types["Dense"]})
         width = out_features
     if normalize:
@@ -271,9 +436,9 @@ class Case:
     layout: str = "st"  # "st" (hand-written, published format) | "st-saved" (ST's own save) | "plain"
     pooling: tuple[str, ...] = ("mean",)  # sentence-transformers' mode names, in concatenation order
     pooling_format: str = "flags"  # 1_Pooling/config.json as "flags" (pooling_mode_* booleans) or "mode"
-    dense: tuple[tuple[int, str], ...] = ()
+    dense: tuple[tuple, ...] = ()  # (out_features, activation[, bias])
     normalize: bool = False
-    exporter: str = "torchscript"
+    exporter: str | None = None  # None: the family's own (export/families.py)
 
     @property
     def source_key(self) -> tuple:
@@ -323,6 +488,7 @@ class TinyZoo:
             src = self.source(case)
             out = self.root / "art" / f"{case.id}-{len(self._artifacts)}"
             start = time.perf_counter()
-            export_model(src, out, parity=True, exporter=case.exporter)
+            export_model(src, out, parity=True, exporter=case.exporter,
+                         trust_remote_code=ARCHS[case.arch].remote_code)
             self._artifacts[key] = (out, time.perf_counter() - start)
         return self._artifacts[key]

@@ -61,3 +61,18 @@ def test_dynamic_token_budget(lengths, batch_size, max_tokens) -> None:
     for b in plan:
         assert b.rows <= batch_size
         assert b.rows * b.length <= max_tokens or b.rows == 1  # a single text always runs
+
+
+def test_default_buckets_follow_a_long_max_length() -> None:
+    """An 8,192-token model gets buckets up to 8,192 tokens, and long lengths only at batches whose padded size
+    stays within BUCKET_TOKENS (batch 1 always), so a fixed-mode long text never runs 32 rows of 8k."""
+    from stableembed.export.artifact import BUCKET_TOKENS
+
+    buckets = default_buckets(8192)
+    lengths = sorted({t for _, t in buckets})
+    assert lengths == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert all(b == 1 or b * t <= BUCKET_TOKENS for b, t in buckets)
+    assert [b for b, t in buckets if t == 8192] == [1] and [b for b, t in buckets if t == 1024] == [1, 8]
+    assert default_buckets(256) == [[b, t] for t in (16, 32, 64, 128, 256) for b in (1, 8, 32)]
+    plan = plan_fixed([8000, 3, 900], [tuple(b) for b in buckets])
+    assert {(b.rows, b.length) for b in plan} == {(1, 8192), (1, 16), (1, 1024)}
