@@ -15,6 +15,9 @@ an empty or non-string input, a text over max_length tokens when the Encoder doe
 more than `max_concurrent_requests` requests at once -> 503; the bounded batch queue full -> 429; during
 shutdown -> 503. Memory is thus bounded by max_concurrent_requests x max_body_bytes (plus the queue's
 outputs, max_queue_texts x dim x 4 bytes), whatever the load.
+
+A client that disconnects while its texts wait in the queue takes them out of it: they are not embedded
+(texts already in a running batch finish with it, and their result is dropped).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,10 +49,187 @@ JSON_TYPE = "application/json"
 INLINE_CHARS = 16_384
 INLINE_BODY = 256 * 1024
 INLINE_ROWS = 64
+# Recorded (metrics, never sent) for a request whose client left before its answer: nginx's code.
+CLIENT_CLOSED = 499
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its response was ready."""
 
 
 def _error_response(err: APIError) -> Response:
     return Response(error_body(err), status_code=err.status, media_type=JSON_TYPE, headers=err.headers)
+
+
+async def _off_loop(big: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    if not big:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the client closes the connection. Call only once the body is read: the server then
+    answers `receive()` with nothing but the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.01)  # a server that repeats empty body messages: do not spin
+
+
+class _Embeddings:
+    """POST /v1/embeddings, step by step: admit (key, draining, concurrency limit), read the body, parse,
+    tokenize, queue the texts in the batcher while watching for the client leaving, answer. `state` is
+    shared with the runner: {"inflight", "arriving", "draining"}."""
+
+    def __init__(self, encoder: Any, config: ServeConfig, names: tuple[str, ...], metrics: Metrics):
+        self.encoder = encoder
+        self.config = config
+        self.names = names
+        self.metrics = metrics
+        self.normalize = bool(getattr(encoder.manifest, "normalize", False))
+        self.prompts = model_prompts(encoder.manifest)
+        if config.default_prompt_name is not None and config.default_prompt_name not in self.prompts:
+            raise ValueError(f"default prompt name {config.default_prompt_name!r} is not one of the model's "
+                             f"prompts ({', '.join(map(repr, self.prompts)) or 'it defines none'})")
+        self.state = {"inflight": 0, "arriving": 0, "draining": False}
+        self.batcher = Batcher(encoder, max_dispatch_tokens=config.max_dispatch_tokens,
+                               max_dispatch_texts=config.max_dispatch_texts, max_wait=config.max_wait_ms / 1000,
+                               max_queue_texts=config.max_queue_texts, max_queue_tokens=config.max_queue_tokens,
+                               batch_size=config.batch_size, workers=config.workers, metrics=metrics,
+                               arriving=lambda: self.state["arriving"])
+        self.retry = {"Retry-After": str(config.retry_after_s)}
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        if self.config.api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode())
+
+    @property
+    def accepting(self) -> bool:
+        return self.batcher.accepting and not self.state["draining"]
+
+    def refusal(self, request: Request) -> APIError | None:
+        """Why this request is refused before its body is read, if it is."""
+        if not self.authorized(request):
+            return APIError(401, "Incorrect API key provided", param=None, code="invalid_api_key")
+        if not self.accepting:
+            self.metrics.rejected.labels("shutting_down").inc()
+            return APIError(503, "the server is shutting down or not ready", type="server_error",
+                            code="unavailable", headers=self.retry)
+        if self.state["inflight"] >= self.config.max_concurrent_requests:
+            self.metrics.rejected.labels("concurrency").inc()
+            return APIError(503, f"the server is handling {self.state['inflight']} requests, its limit; "
+                                 f"retry later", type="server_error", code="overloaded", headers=self.retry)
+        return None
+
+    # -- the route ---------------------------------------------------------------------------------
+
+    async def route(self, request: Request) -> Response:
+        refused = self.refusal(request)
+        if refused is not None:
+            self.metrics.requests.labels(str(refused.status)).inc()
+            return _error_response(refused)
+        state, m = self.state, self.metrics
+        state["inflight"] += 1
+        state["arriving"] += 1  # until submitted to the batcher (or refused): the batcher waits for it
+        m.inflight.inc()
+        t0 = time.perf_counter()
+        status, arriving = 500, [True]
+        try:
+            response = await self.handle(request, arriving)
+            status = response.status_code
+            return response
+        except APIError as err:
+            status = err.status
+            if err.status in (400, 404, 413):
+                m.rejected.labels("invalid").inc()
+            return _error_response(err)
+        except (_ClientGone, ClientDisconnect):
+            status = CLIENT_CLOSED
+            m.rejected.labels("disconnected").inc()
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+        finally:
+            if arriving[0]:
+                state["arriving"] -= 1
+            state["inflight"] -= 1
+            m.inflight.dec()
+            m.requests.labels(str(status)).inc()
+            m.request_latency.observe(time.perf_counter() - t0)
+
+    async def handle(self, request: Request, arriving: list[bool]) -> Response:
+        body = await self.read_body(request)
+        try:
+            payload = await _off_loop(len(body) > INLINE_BODY, json.loads, body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid(f"the request body is not valid JSON: {exc}", param=None) from None
+        req = parse_request(payload, model_names=self.names, dim=self.encoder.dim, max_inputs=self.config.max_inputs,
+                            allow_dimensions=self.config.allow_dimensions, prompts=self.prompts)
+        # the request's prompt, else the server's default, else the model's (as Encoder.encode chooses)
+        prompt = resolve_prompt(self.encoder.manifest, req.prompt_name or self.config.default_prompt_name)
+        tokens = await _off_loop(sum(map(len, req.texts)) > INLINE_CHARS, self.count_tokens, req.texts, prompt)
+        total = sum(tokens)
+        try:
+            self.batcher.check_fits(len(tokens), total)
+        except ValueError as exc:
+            raise invalid(str(exc), code="request_too_large") from None
+        self.state["arriving"] -= 1
+        arriving[0] = False
+        emb = await self.embed(request, req.texts, tokens, prompt)
+        emb = truncate_dimensions(emb, req.dimensions, self.normalize)
+        out = await _off_loop(len(tokens) > INLINE_ROWS, lambda: response_body(
+            emb, model=self.names[0], encoding_format=req.encoding_format, prompt_tokens=total))
+        self.metrics.texts.inc(len(tokens))
+        self.metrics.tokens.inc(total)
+        return Response(out, media_type=JSON_TYPE)
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes",
+                           param=None, code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", param=None,
+                               code="request_too_large")
+        return bytes(body)
+
+    def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        try:
+            return [len(e.ids) for e in self.encoder.tokenizer.encode(texts, prompt=prompt)]
+        except ValueError as exc:  # "text at index i is longer than max_length ... truncation is off", bad UTF-8
+            msg = str(exc)
+            code = "context_length_exceeded" if "longer than max_length" in msg else None
+            raise invalid(re.sub(r"^text at index (\d+)", r"input[\1]", msg), code=code) from None
+
+    async def embed(self, request: Request, texts: list[str], tokens: list[int], prompt: str | None) -> np.ndarray:
+        """The texts' embeddings from the shared batcher; raises _ClientGone (and takes the texts out of
+        the queue) if the client disconnects first."""
+        submitted = asyncio.ensure_future(self.batcher.submit(texts, tokens, prompt=prompt))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not submitted.done():
+                submitted.cancel()  # the batcher takes the request's waiting segments out of the queue
+                await asyncio.wait((submitted,))
+        if submitted.cancelled():
+            raise _ClientGone()
+        try:
+            return submitted.result()
+        except QueueFull as exc:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
+                           headers=self.retry) from None
+        except Closed as exc:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise APIError(503, str(exc), type="server_error", code="unavailable", headers=self.retry) from None
 
 
 def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str | list[str] | None = None,
@@ -63,127 +244,12 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
     if not names:
         raise ValueError("model_names must name at least one model")
     metrics = metrics or Metrics()
-    normalize = bool(getattr(encoder.manifest, "normalize", False))
-    prompts = model_prompts(encoder.manifest)
-    if config.default_prompt_name is not None and config.default_prompt_name not in prompts:
-        raise ValueError(f"default prompt name {config.default_prompt_name!r} is not one of the model's prompts "
-                         f"({', '.join(map(repr, prompts)) or 'it defines none'})")
-    batcher = Batcher(encoder, max_dispatch_tokens=config.max_dispatch_tokens,
-                      max_dispatch_texts=config.max_dispatch_texts, max_wait=config.max_wait_ms / 1000,
-                      max_queue_texts=config.max_queue_texts, max_queue_tokens=config.max_queue_tokens,
-                      batch_size=config.batch_size, workers=config.workers, metrics=metrics,
-                      arriving=lambda: state["arriving"])
-    state = {"inflight": 0, "arriving": 0, "draining": False}
-    retry = {"Retry-After": str(config.retry_after_s)}
-
-    def tokenize(texts: list[str], prompt: str | None) -> list[int]:
-        try:
-            return [len(e.ids) for e in encoder.tokenizer.encode(texts, prompt=prompt)]
-        except ValueError as exc:  # "text at index i is longer than max_length ... truncation is off", bad UTF-8
-            msg = str(exc)
-            code = "context_length_exceeded" if "longer than max_length" in msg else None
-            msg = re.sub(r"^text at index (\d+)", r"input[\1]", msg)
-            raise invalid(msg, code=code) from None
-
-    async def off_loop(big: bool, fn: Any, *args: Any) -> Any:
-        if not big:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    async def read_body(request: Request) -> bytes:
-        limit = config.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes",
-                           param=None, code="request_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"request body is over the limit of {limit} bytes", param=None,
-                               code="request_too_large")
-        return bytes(body)
-
-    def authorized(request: Request) -> bool:
-        if config.api_key is None:
-            return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode())
-
-    unauthorized = APIError(401, "Incorrect API key provided", param=None, code="invalid_api_key")
-
-    async def embeddings(request: Request) -> Response:
-        if not authorized(request):
-            metrics.requests.labels("401").inc()
-            return _error_response(unauthorized)
-        if state["draining"] or not batcher.accepting:
-            metrics.rejected.labels("shutting_down").inc()
-            metrics.requests.labels("503").inc()
-            return _error_response(APIError(503, "the server is shutting down or not ready", type="server_error",
-                                            code="unavailable", headers=retry))
-        if state["inflight"] >= config.max_concurrent_requests:
-            metrics.rejected.labels("concurrency").inc()
-            metrics.requests.labels("503").inc()
-            return _error_response(APIError(503, f"the server is handling {state['inflight']} requests, its "
-                                                 f"limit; retry later", type="server_error", code="overloaded",
-                                            headers=retry))
-        state["inflight"] += 1
-        state["arriving"] += 1  # until submitted to the batcher (or refused)
-        metrics.inflight.inc()
-        t0 = time.perf_counter()
-        status = 500
-        arriving = True
-        try:
-            body = await read_body(request)
-            try:
-                payload = await off_loop(len(body) > INLINE_BODY, json.loads, body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise invalid(f"the request body is not valid JSON: {exc}", param=None) from None
-            req = parse_request(payload, model_names=names, dim=encoder.dim, max_inputs=config.max_inputs,
-                                allow_dimensions=config.allow_dimensions, prompts=prompts)
-            # the request's prompt, else the server's default, else the model's (as Encoder.encode chooses)
-            prompt = resolve_prompt(encoder.manifest, req.prompt_name or config.default_prompt_name)
-            big = sum(map(len, req.texts)) > INLINE_CHARS
-            tokens = await off_loop(big, tokenize, req.texts, prompt)
-            total = sum(tokens)
-            try:
-                batcher.check_fits(len(tokens), total)
-            except ValueError as exc:
-                raise invalid(str(exc), code="request_too_large") from None
-            state["arriving"] -= 1
-            arriving = False
-            try:
-                emb = await batcher.submit(req.texts, tokens, prompt=prompt)
-            except QueueFull as exc:
-                metrics.rejected.labels("queue_full").inc()
-                raise APIError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
-                               headers=retry) from None
-            except Closed as exc:
-                metrics.rejected.labels("shutting_down").inc()
-                raise APIError(503, str(exc), type="server_error", code="unavailable", headers=retry) from None
-            emb = truncate_dimensions(emb, req.dimensions, normalize)
-            out = await off_loop(len(tokens) > INLINE_ROWS, lambda: response_body(
-                emb, model=names[0], encoding_format=req.encoding_format, prompt_tokens=total))
-            metrics.texts.inc(len(tokens))
-            metrics.tokens.inc(total)
-            status = 200
-            return Response(out, media_type=JSON_TYPE)
-        except APIError as err:
-            status = err.status
-            if err.status in (400, 404, 413):
-                metrics.rejected.labels("invalid").inc()
-            return _error_response(err)
-        finally:
-            if arriving:
-                state["arriving"] -= 1
-            state["inflight"] -= 1
-            metrics.inflight.dec()
-            metrics.requests.labels(str(status)).inc()
-            metrics.request_latency.observe(time.perf_counter() - t0)
+    embeddings = _Embeddings(encoder, config, names, metrics)
+    batcher, state = embeddings.batcher, embeddings.state
 
     async def models(request: Request) -> Response:
-        if not authorized(request):
-            return _error_response(unauthorized)
+        if not embeddings.authorized(request):
+            return _error_response(APIError(401, "Incorrect API key provided", param=None, code="invalid_api_key"))
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "stableembed"} for n in names]})
 
@@ -191,7 +257,7 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        ok = batcher.accepting and not state["draining"]
+        ok = embeddings.accepting
         body = {"status": "ready" if ok else "unavailable", "model": names[0], "dim": encoder.dim,
                 "queue_texts": batcher.queued_texts, "queue_tokens": batcher.queued_tokens,
                 "inflight_requests": state["inflight"]}
@@ -219,8 +285,8 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
             await batcher.close()  # encodes whatever is still queued
 
     app = Starlette(routes=[
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.route, methods=["POST"]),
+        Route("/embeddings", embeddings.route, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
@@ -230,5 +296,5 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
     app.state.metrics = metrics
     app.state.config = config
     app.state.model_names = names
-    app.state.serving = state  # {"inflight": n, "draining": bool}; the runner sets draining on SIGTERM
+    app.state.serving = state  # {"inflight": n, "arriving": n, "draining": bool}; the runner sets draining
     return app

@@ -14,7 +14,8 @@ offline.
 
 The queue is bounded in texts and in tokens: `submit` raises `QueueFull` at once instead of growing it
 (the server answers 429). After `close()` new work raises `Closed` (503) while everything already queued
-is still encoded, which is how a graceful shutdown finishes in-flight requests.
+is still encoded, which is how a graceful shutdown finishes in-flight requests. A cancelled `submit`
+(its client disconnected) takes its waiting segments out of the queue: they are never encoded.
 """
 
 from __future__ import annotations
@@ -189,7 +190,19 @@ class Batcher:
             self._queue.append(_Segment(job, start, texts[start:end], n, prompt))
         self._account(len(texts), total, len(parts))
         self._wakeup.set()
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # the caller is gone (its client disconnected): free the queue now
+            self._forget(job)
+            raise
+
+    def _forget(self, job: _Job) -> None:
+        """Take a cancelled request's segments out of the queue, so they are never encoded and the queue's
+        bounds count only live work (segments already in a running batch finish with it)."""
+        gone = [seg for seg in self._queue if seg.job is job]
+        if gone:
+            self._queue = deque(seg for seg in self._queue if seg.job is not job)
+            self._account(-sum(len(s.texts) for s in gone), -sum(s.tokens for s in gone), -len(gone))
 
     def _account(self, texts: int, tokens: int, segments: int) -> None:
         self.queued_texts += texts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import threading
 from dataclasses import fields
@@ -140,17 +141,26 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return s
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The server's limits and batching knobs from `stableembed serve`'s parsed flags."""
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in _HELP},
+                       allow_dimensions=args.dimensions, api_key=args.api_key or None,
+                       default_prompt_name=args.default_prompt_name)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _uvicorn()
     from ..runtime import Encoder
     from .app import create_app
 
-    config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in _HELP},
-                         allow_dimensions=args.dimensions, api_key=args.api_key or None,
-                         default_prompt_name=args.default_prompt_name)
+    config = serve_config(args)
     encoder = Encoder(args.artifact, **encoder_options(args))
     app = create_app(encoder, config, model_names=args.model_names)
     server = make_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
                          log_level=args.log_level, access_log=args.access_log)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raised SIGINT after a clean shutdown: exit as killed by it, quietly
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return 0

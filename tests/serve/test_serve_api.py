@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
+import openai
 import pytest
+from serve_helpers import error_of
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-
-from serve_helpers import error_of  # noqa: E402
-
-from stableembed import Encoder  # noqa: E402
-from stableembed.runtime.verify import same_bits  # noqa: E402
-from stableembed.serve import BackgroundServer, ServeConfig, create_app, truncate_dimensions  # noqa: E402
+from stableembed import Encoder
+from stableembed.runtime.verify import same_bits
+from stableembed.serve import BackgroundServer, ServeConfig, create_app, truncate_dimensions
 
 MODEL = "minilm-test"
 CONFIG = ServeConfig(max_inputs=64, max_body_bytes=256 * 1024, max_wait_ms=20)
@@ -43,6 +38,13 @@ def client(server):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def _metrics(url) -> dict[str, float]:
+    """The server's Prometheus samples, name{labels} -> value."""
+    text = httpx.get(f"{url}/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def _texts(real_texts: list[str]) -> list[str]:
@@ -103,9 +105,10 @@ def test_dimensions_truncate_and_renormalize(client, http, reference, real_texts
 def test_concurrent_requests_are_bit_identical_to_offline(server, reference, real_texts) -> None:
     texts = _texts(real_texts)
     ref = reference(texts)
-    failures: list[str] = []
+    before = _metrics(server.url)
 
-    def worker(k: int) -> None:
+    def worker(k: int) -> list[str]:
+        failures = []
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
         for j in range(6):
             start = (k * 13 + j * 7) % len(texts)
@@ -117,17 +120,16 @@ def test_concurrent_requests_are_bit_identical_to_offline(server, reference, rea
                 got = np.array([d.embedding for d in r.data], dtype=np.float32)
             else:
                 got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in r.data])
-            if not same_bits(got, ref[idx]).all():
+            if got.shape != (n, 384) or not same_bits(got, ref[idx]).all():
                 failures.append(f"worker {k} call {j}")
+        return failures
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not failures, failures
-    metrics = httpx.get(server.url + "/metrics").text
-    assert "stableembed_batch_requests_count" in metrics
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(worker, k) for k in range(8)]
+        failures = [f for fut in futures for f in fut.result(timeout=300)]  # a worker's exception surfaces here
+    assert failures == []
+    after = _metrics(server.url)
+    assert after['stableembed_requests_total{status="200"}'] - before['stableembed_requests_total{status="200"}'] == 48
 
 
 @pytest.mark.parametrize("payload, status, param, fragment", [
@@ -188,12 +190,14 @@ def test_too_long_input_refused_when_truncation_is_off(minilm_artifact, referenc
         assert same_bits(np.array(r.data[0].embedding, dtype=np.float32), reference(["fine"])[0]).all()
 
 
-def test_models_health_ready_metrics(client, http) -> None:
+def test_models_health_ready_metrics(client, http, serve_encoder) -> None:
     assert [m.id for m in client.models.list()] == [MODEL, "alias"]
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["dim"] == 384
+    before = _metrics(http.base_url)
     client.embeddings.create(model=MODEL, input=["metrics please", "and another"])
+    assert http.post("/v1/embeddings", json={"model": MODEL, "input": []}).status_code == 400
     res = http.get("/metrics")
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
     text = res.text
@@ -203,10 +207,14 @@ def test_models_health_ready_metrics(client, http) -> None:
                  "stableembed_request_latency_seconds_bucket", 'stableembed_requests_total{status="200"}',
                  "stableembed_texts_total", "stableembed_tokens_total"):
         assert name in text, name
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
-    assert samples["stableembed_queue_depth"] == 0 and samples["stableembed_texts_total"] >= 2
-    assert samples['stableembed_rejected_total{reason="invalid"}'] >= 1  # from the error tests
+    after = _metrics(http.base_url)
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    assert after["stableembed_queue_depth"] == 0
+    assert delta("stableembed_texts_total") == 2 and delta('stableembed_requests_total{status="200"}') == 1
+    assert delta('stableembed_rejected_total{reason="invalid"}') == 1
+    assert delta('stableembed_requests_total{status="400"}') == 1
+    tokens = sum(len(e.ids) for e in serve_encoder.tokenizer.encode(["metrics please", "and another"]))
+    assert delta("stableembed_tokens_total") == tokens
 
 
 def test_response_floats_round_trip_exactly() -> None:

@@ -1,5 +1,5 @@
-"""`stableembed serve` as a real process: it starts, answers the official client, and a SIGTERM stops it
-cleanly."""
+"""`stableembed serve` as a real process: it starts, answers the official client, and SIGTERM or SIGINT
+stops it cleanly with an exit status naming the signal; its flags reach the server's behaviour."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ import subprocess
 import sys
 import time
 
+import httpx
 import numpy as np
+import openai
 import pytest
+from serve_helpers import error_of
 
-pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-
-from stableembed.runtime.verify import same_bits  # noqa: E402
-from stableembed.serve.server import free_port  # noqa: E402
+from stableembed.cli import build_parser
+from stableembed.runtime.verify import same_bits
+from stableembed.serve import BackgroundServer, create_app
+from stableembed.serve.server import free_port, serve_config
 
 
 @pytest.mark.slow
-def test_serve_command_end_to_end(minilm_artifact, reference) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_end_to_end(minilm_artifact, reference, sig) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stableembed", "serve", str(minilm_artifact), "--port", str(port),
                              "--model-name", "minilm", "--max-wait-ms", "1", "--log-level", "info"],
@@ -42,13 +43,36 @@ def test_serve_command_end_to_end(minilm_artifact, reference) -> None:
         texts = ["served by a subprocess", "second"]
         r = client.embeddings.create(model="minilm", input=texts)
         assert same_bits(np.array([d.embedding for d in r.data], dtype=np.float32), reference(texts)).all()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    # uvicorn re-raises the signal once shut down, so the exit status names SIGTERM (or 0 on platforms
-    # where it does not)
-    assert proc.returncode in (0, -signal.SIGTERM), out
+    # uvicorn re-raises the signal once shut down, so the exit status names it
+    assert proc.returncode == -sig, out
     assert "Application shutdown complete" in out and "Traceback" not in out, out
+
+
+def _config(*flags: str):
+    return serve_config(build_parser().parse_args(["serve", "ARTIFACT", *flags]))
+
+
+def test_serve_flags_reach_the_server(serve_encoder) -> None:
+    """--no-dimensions refuses `dimensions`; --max-queue-tokens bounds a request's tokens; --max-wait-ms and
+    the other knobs reach the batcher (their behaviour: test_serve_limits.py)."""
+    payload = {"model": "m", "input": ["some words to embed"], "dimensions": 8}
+    for flags, status in (((), 200), (("--no-dimensions",), 400)):
+        with BackgroundServer(create_app(serve_encoder, _config(*flags), model_names="m")) as srv:
+            res = httpx.post(srv.url + "/v1/embeddings", json=payload, timeout=60)
+            assert res.status_code == status, (flags, res.text)
+            if status == 400:
+                assert error_of(res)["param"] == "dimensions"
+    app = create_app(serve_encoder, _config("--max-queue-tokens", "5", "--max-wait-ms", "250",
+                                            "--max-dispatch-texts", "7"), model_names="m")
+    assert (app.state.batcher.max_queue_tokens, app.state.batcher.max_wait, app.state.batcher.max_dispatch_texts) == \
+        (5, 0.25, 7)
+    with BackgroundServer(app) as srv:
+        res = httpx.post(srv.url + "/v1/embeddings", json={"model": "m", "input": ["six tokens in this one"]},
+                         timeout=60)
+        assert res.status_code == 400 and "queues at most 5" in error_of(res)["message"]

@@ -1,25 +1,27 @@
 """Backpressure, dynamic batching and graceful shutdown, made deterministic with a gated encoder: a bounded
-queue answers 429, the concurrency limit 503; queued requests share one batch; a shutdown finishes the
-requests in flight (bit-identical results) and refuses new ones."""
+queue (texts and tokens) answers 429, the concurrency limit 503; queued requests of different lengths
+share one padded batch; a free worker waits up to max_wait for companions; a client that disconnects takes
+its texts out of the queue; draining answers 503; a shutdown finishes the requests in flight
+(bit-identical results) and refuses new ones."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
+from serve_helpers import GatedEncoder, error_of, wait_until
+from starlette.testclient import TestClient
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
-
-from serve_helpers import GatedEncoder, error_of, wait_until  # noqa: E402
-
-from stableembed.runtime.verify import same_bits  # noqa: E402
-from stableembed.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
+from stableembed.runtime.verify import same_bits
+from stableembed.serve import BackgroundServer, ServeConfig, create_app
+from stableembed.serve.batcher import Batcher
 
 MODEL = "m"
 
@@ -42,12 +44,21 @@ def _metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def test_queue_full_429_then_queued_requests_share_one_batch(serve_encoder, reference) -> None:
+def test_queue_full_429_then_queued_requests_share_one_batch(serve_encoder, reference, monkeypatch) -> None:
     gated = GatedEncoder(serve_encoder)
     config = ServeConfig(max_queue_texts=3, max_inputs=3, max_wait_ms=0)
     app = create_app(gated, config, model_names=MODEL)
     batcher = app.state.batcher
-    a, b, c = ["first request"], ["second request", "two texts"], ["third request"]
+    # B and C differ in token length, so sharing one batch pads C's text to B's longest
+    a = ["first request"]
+    b = ["a second request whose first text is a good deal longer than the others", "two"]
+    c = ["the third one"]
+    lengths = {t: len(e.ids) for t, e in zip(b + c, serve_encoder.tokenizer.encode(b + c))}
+    assert len(set(lengths.values())) == 3
+    runs: list[list[int]] = []
+    inner_run = serve_encoder.backend.run
+    monkeypatch.setattr(serve_encoder.backend, "run", lambda feeds: (
+        runs.append(sorted(feeds["attention_mask"].sum(axis=1).tolist())), inner_run(feeds))[1])
     with BackgroundServer(app) as srv, ThreadPoolExecutor(4) as pool:
         fa = pool.submit(_post, srv.url, a)
         assert gated.entered.acquire(timeout=30)           # A is being encoded (held at the gate)
@@ -66,8 +77,9 @@ def test_queue_full_429_then_queued_requests_share_one_batch(serve_encoder, refe
         assert [r.status_code for r in results] == [200, 200, 200]
         for texts, r in zip((a, b, c), results):
             assert same_bits(_vectors(r), reference(texts)).all()
-        # B and C waited together and ran as one batch of two requests
+        # B and C waited together and ran as one batch of two requests, padded together at the backend
         assert gated.calls == [a, b + c]
+        assert sorted(lengths.values()) in runs, runs
         assert _metric(srv.url, 'stableembed_rejected_total{reason="queue_full"}') == 1
         assert _metric(srv.url, "stableembed_batch_requests_sum") == 3
         assert _metric(srv.url, "stableembed_batch_requests_count") == 2
@@ -165,3 +177,120 @@ def test_config_is_checked() -> None:
         ServeConfig(max_inputs=10, max_queue_texts=5)
     with pytest.raises(ValueError, match="max_wait_ms"):
         ServeConfig(max_wait_ms=-1)
+
+
+def _raw_request(url: str, payload: dict) -> socket.socket:
+    """POST on a raw socket, the whole body sent, the answer not read: close it to disconnect."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /v1/embeddings HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_disconnected_client_texts_are_not_embedded(serve_encoder, reference) -> None:
+    gated = GatedEncoder(serve_encoder)
+    app = create_app(gated, ServeConfig(max_wait_ms=0), model_names=MODEL)
+    batcher = app.state.batcher
+    a, b, c = ["held at the gate"], ["queued, then its client leaves", "a second text of the leaver"], ["later"]
+    with BackgroundServer(app) as srv, ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(_post, srv.url, a)
+        assert gated.entered.acquire(timeout=30)  # A is being encoded
+        sock = _raw_request(srv.url, {"model": MODEL, "input": b})
+        wait_until(lambda: batcher.queued_texts == 2, what="B queued")
+        sock.close()  # B's client disconnects while B waits in the queue
+        wait_until(lambda: batcher.queued_texts == 0 and batcher.queued_tokens == 0, what="B dropped")
+        assert _metric(srv.url, 'stableembed_rejected_total{reason="disconnected"}') == 1
+        gated.gate.set()
+        ra = fa.result(60)
+        rc = _post(srv.url, c)
+        assert ra.status_code == rc.status_code == 200
+        assert same_bits(_vectors(rc), reference(c)).all()
+        assert gated.calls == [a, c]  # B's texts never reached the encoder
+        assert _metric(srv.url, 'stableembed_requests_total{status="499"}') == 1
+        assert _metric(srv.url, "stableembed_texts_total") == 2
+
+
+def test_not_ready_and_draining_answer_503_unavailable(serve_encoder) -> None:
+    app = create_app(serve_encoder, model_names=MODEL)
+    payload = {"model": MODEL, "input": ["x"]}
+
+    def refused(client) -> None:
+        res = client.get("/ready")
+        assert res.status_code == 503 and res.json()["status"] == "unavailable"
+        res = client.post("/v1/embeddings", json=payload)
+        assert res.status_code == 503 and res.headers["retry-after"] == "1"
+        err = error_of(res)
+        assert err["code"] == "unavailable" and err["type"] == "server_error"
+
+    refused(TestClient(app))  # no lifespan: the batcher has not started
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        assert http.get("/ready").status_code == 200
+        assert http.post("/v1/embeddings", json=payload).status_code == 200
+        app.state.serving["draining"] = True  # what the runner's signal handler sets first (graceful test below)
+        refused(http)
+        app.state.serving["draining"] = False
+        assert http.get("/ready").status_code == 200
+        assert http.post("/v1/embeddings", json=payload).status_code == 200
+
+
+def test_queue_token_bound_429_and_request_over_it_400(serve_encoder) -> None:
+    gated = GatedEncoder(serve_encoder)
+    app = create_app(gated, ServeConfig(max_queue_tokens=30, max_wait_ms=0), model_names=MODEL)
+    count = lambda texts: sum(len(e.ids) for e in serve_encoder.tokenizer.encode(texts))  # noqa: E731
+    b = ["a request of twenty tokens or so, waiting in the queue for its turn"]
+    c = ["and another one of the same kind that no longer fits in the queue"]
+    assert count(b) <= 30 < count(b) + count(c)
+    with BackgroundServer(app) as srv, ThreadPoolExecutor(2) as pool:
+        res = _post(srv.url, ["word " * 60])  # over the bound by itself: never queueable
+        assert res.status_code == 400 and error_of(res)["code"] == "request_too_large"
+        assert "queues at most 30" in error_of(res)["message"]
+        fa = pool.submit(_post, srv.url, ["held"])
+        assert gated.entered.acquire(timeout=30)
+        fb = pool.submit(_post, srv.url, b)
+        wait_until(lambda: app.state.batcher.queued_tokens == count(b), what="B queued")
+        res = _post(srv.url, c)
+        assert res.status_code == 429 and error_of(res)["code"] == "queue_full"
+        gated.gate.set()
+        assert fa.result(60).status_code == fb.result(60).status_code == 200
+        assert _post(srv.url, c).status_code == 200
+
+
+@pytest.mark.parametrize("max_wait", [0.0, 60.0])
+def test_max_wait_holds_a_free_worker_for_companions(serve_encoder, max_wait) -> None:
+    """While requests are on their way (`arriving`), a free worker waits up to max_wait for companions:
+    with 0 a lone request runs at once, with 60 s the next request joins it in one batch."""
+    gated = GatedEncoder(serve_encoder)
+    gated.gate.set()
+
+    async def main() -> None:
+        batcher = Batcher(gated, max_wait=max_wait, max_dispatch_texts=2, arriving=lambda: 1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(["first"], [3]))
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(batcher.submit(["second"], [3]))
+        await asyncio.wait_for(asyncio.gather(first, second), 60)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert gated.calls == ([["first"], ["second"]] if max_wait == 0 else [["first", "second"]])
+
+
+def test_max_wait_is_waited_when_no_companion_comes(serve_encoder) -> None:
+    gated = GatedEncoder(serve_encoder)
+    gated.gate.set()
+    entered: list[float] = []
+    inner = gated.encode
+    gated.encode = lambda texts, **kw: (entered.append(time.monotonic()), inner(texts, **kw))[1]
+
+    async def main() -> float:
+        batcher = Batcher(gated, max_wait=0.3, arriving=lambda: 1)
+        batcher.start()
+        t0 = time.monotonic()
+        await asyncio.wait_for(batcher.submit(["alone"], [3]), 60)
+        await batcher.close()
+        return t0
+
+    t0 = asyncio.run(main())
+    assert entered and entered[0] - t0 >= 0.3
