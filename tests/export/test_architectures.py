@@ -394,7 +394,10 @@ def test_decoder_parity_with_left_padded_batches(tiny_zoo) -> None:
     model = SentenceTransformer(str(tiny_zoo.source(case)), device="cpu", local_files_only=True)
     assert model.tokenizer.padding_side == "left"
     texts = parity_texts()
+    enc = Encoder(art)
+    # the pooled token is the end-of-text token the tokenizer appends, truncated texts included
+    assert {e.ids[-1] for e in enc.tokenizer.encode(texts)} == {model.tokenizer.eos_token_id}
     ref = model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
-    ours = Encoder(art).encode(texts)
+    ours = enc.encode(texts)
     assert cosine_rows(ours, ref).min() >= MIN_COSINE
     assert np.abs(ours - ref).max() <= MAX_ABS_DIFF
