@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
-from .artifact import atomic_folder, default_buckets, write_manifest
+from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .source import Source, config_value, read_source
 
 PRECISIONS = ("fp32", "int8")
@@ -28,6 +28,14 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _machine() -> dict[str, object]:
+    """The CPU the export (and its parity figures and sample bits) ran on."""
+    from ..runtime.machine import cpu_info
+
+    info = cpu_info()
+    return {k: info[k] for k in ("cpu", "family_model", "flags", "isa", "key")}
 
 
 def _write_tokenizer(folder: Path, dest: Path) -> None:
@@ -115,10 +123,15 @@ def export_model(
             "shapes": {"dynamic": {"batch": "any", "length": f"2..{src.max_length}"},
                        "fixed_buckets": bucket_list},
             "libraries": _versions(),
+            "exported_on": _machine(),
         }
         write_manifest(tmp, manifest)
         if precision == "int8":
             _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity)
+        # Last: everything above reads and rewrites a self-contained model.onnx; parity then measures
+        # the artifact as shipped.
+        manifest["weights"] = externalize_weights(tmp)
+        write_manifest(tmp, manifest)
         if parity:
             manifest["parity"] = _measure_parity(tmp, src)
             write_manifest(tmp, manifest)
@@ -145,10 +158,13 @@ def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts:
 def _measure_parity(folder: Path, src: Source) -> dict:
     from ..data import sample_texts
     from ..runtime import Encoder
+    from ..runtime.verify import bits_sha256
     from .parity import parity_figures, reference_embeddings
 
     texts = sample_texts()
     ours = Encoder(folder).encode(texts)
     ref, name = reference_embeddings(src.path, texts, src.max_length)
+    # The bits are this machine type's (its ISA picks onnxruntime's kernels): `stableembed verify`
+    # compares its own sample fingerprint with this one and says whether the machine type differs.
     return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
-            **parity_figures(ours, ref)}
+            **parity_figures(ours, ref), "sample_bits_sha256": bits_sha256(ours), "provider": "cpu"}

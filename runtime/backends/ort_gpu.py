@@ -67,7 +67,7 @@ def fixed_shape(rows: int, length: int, fixed_buckets: Sequence[tuple[int, int]]
 
 def cache_dir(manifest: Manifest) -> Path:
     root = Path(os.environ.get("STABLEEMBED_CACHE", "~/.cache/stableembed")).expanduser()
-    return root / "ort-trt" / manifest.raw["files"]["model.onnx"]["sha256"][:16]
+    return root / "ort-trt" / manifest.model_sha256[:16]  # the graph and its external weights
 
 
 def cuda_options(cuda_graph: bool = False) -> dict[str, str]:
