@@ -75,16 +75,16 @@ def write_index() -> None:
             "and the ISA level that picks onnxruntime's kernels. Figures compare only within one folder.", "",
             "| machine key | CPU | ISA flags | results (date) |", "|---|---|---|---|"]
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
-        files, cpu = [], None
+        files, cpu, cpu_date = [], None, ""
         for f in sorted(folder.glob("*.json")):
             try:
                 d = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 continue
             m = d.get("machine") if isinstance(d, dict) else None
-            if isinstance(m, dict) and "key" in m:
-                cpu = cpu or m
             date = str(d.get("date") or d.get("meta", {}).get("date", "")).split("T")[0] if isinstance(d, dict) else ""
+            if isinstance(m, dict) and "key" in m and (cpu is None or date >= cpu_date):
+                cpu, cpu_date = m, date  # the newest file's reading of the CPU
             md = f.with_suffix(".md")
             files.append(f"[{f.stem}]({folder.name}/{md.name if md.exists() else f.name})" + (f" ({date})" if date else ""))
         for f in sorted(folder.glob("*.txt")):
