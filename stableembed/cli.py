@@ -190,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     query, sims = texts[0], emb[1:] @ emb[0]
     best = int(np.argmax(sims)) + 1
     print("stableembed demo: all-MiniLM-L6-v2")
-    print(f"  exported to {out} in {t_export:.1f} s (model.onnx {manifest.raw['files']['model.onnx']['bytes']:,} bytes, "
+    model_bytes = sum(f["bytes"] for name, f in manifest.raw["files"].items() if name.startswith("model.onnx"))
+    print(f"  exported to {out} in {t_export:.1f} s (model.onnx + weights {model_bytes:,} bytes, "
           f"dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, normalized {manifest.normalize})")
     print(f"  embedded {len(texts)} sample texts in {t_embed * 1000:.0f} ms -> array {emb.shape} {emb.dtype}")
     print(f"  parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e}")
