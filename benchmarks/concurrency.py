@@ -3,17 +3,22 @@ sentence-transformers behind a lock (its model is not safe to call concurrently)
 process, 2 threads of compute, alternating rounds, medians.
 
     python benchmarks/concurrency.py [--threads 8] [--calls 60] [--rounds 3]
+
+Writes benchmarks/results/<machine key>/concurrency.{md,json} (benchmarks/machine.py names the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from machine import announce, machine, save
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +62,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--artifact", default=str(HERE / ".cache" / "stableembed"))
     args = p.parse_args()
+    m = machine()
+    announce(m)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "RAYON_NUM_THREADS": "2"}
     code = CHILD.format(here=str(HERE))
     runs: dict[str, list[dict]] = {"st-torch": [], "stableembed": []}
@@ -66,11 +73,14 @@ def main() -> None:
                                  env=env, check=True, capture_output=True, text=True).stdout
             runs[engine].append(json.loads(out.strip().splitlines()[-1]))
     med = {e: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for e, rs in runs.items()}
-    print(f"{args.threads} threads x {args.calls} single-text calls, medians of {args.rounds} rounds")
-    print("| engine | texts/s | p50 ms | p99 ms |\n|---|--:|--:|--:|")
-    for e, m in med.items():
-        print(f"| {e} | {m['texts_per_s']:.0f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} |")
-    print(f"stableembed / st-torch throughput: {med['stableembed']['texts_per_s'] / med['st-torch']['texts_per_s']:.2f}x")
+    lines = [f"{args.threads} threads x {args.calls} single-text calls, medians of {args.rounds} rounds", "",
+             "| engine | texts/s | p50 ms | p99 ms |", "|---|--:|--:|--:|"]
+    lines += [f"| {e} | {r['texts_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for e, r in med.items()]
+    lines += ["", "stableembed / st-torch throughput: "
+              f"{med['stableembed']['texts_per_s'] / med['st-torch']['texts_per_s']:.2f}x"]
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    print(save("concurrency", m, {"date": date, "config": vars(args), "median": med, "runs": runs},
+               "\n".join(lines)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Speed: short held-out texts, batch 32, `--threads` threads for every engine, in 
 order alternating from round to round; medians of the rounds and of the per-round ratios.
 Process CPU time is recorded beside wall time: on a busy machine it tracks the uncontended speed better
 at 1 thread (at 2 threads onnxruntime's spinning worker counts too). Writes
-benchmarks/results/int8_quality.{json,md}, or int8_quality_<threads>t.{json,md} with --suffix-threads.
+benchmarks/results/<machine key>/int8_quality.{json,md}, or int8_quality_<threads>t.{json,md} with
+--suffix-threads (benchmarks/machine.py names the CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import announce, machine, save
+from stableembed.runtime.machine import cpu_info
+
 HERE = Path(__file__).resolve().parent
-CACHE, RESULTS = HERE / ".cache" / "int8q", HERE / "results"
+CACHE = HERE / ".cache" / "int8q"
 
 
 def log(msg: str) -> None:
@@ -61,11 +64,7 @@ def kernel_probe() -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = set(cpu_info()["flags"])
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "probe",
                               [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
@@ -166,6 +165,8 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.cpus:
         os.sched_setaffinity(0, [int(c) for c in args.cpus.split(",")])
+    m = machine()
+    announce(m)
     from stableembed import Encoder
     from stableembed.runtime.verify import check_stability
 
@@ -182,8 +183,6 @@ def main() -> int:
     q = m8["quantization"]
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                    "affinity": sorted(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg()},
         "splits": {"tuning": len(sp["tuning"]), "heldout": len(heldout),
                    "definition": "tuning: short 0-999 + long 0-39; held-out: short 1000-4999 + long 40-199 "
                                  "minus bundled-sample texts"},
@@ -202,20 +201,15 @@ def main() -> int:
     if not args.no_speed:
         result["speed"] = speed(fp32, int8, model_dir, sp["heldout_short"][: args.speed_texts], args.threads,
                                 args.rounds)
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
     stem = f"int8_quality_{args.threads}t" if args.suffix_threads else "int8_quality"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = render(result)
-    (RESULTS / f"{stem}.md").write_text(md)
-    print(md)
+    print(save(stem, m, result, render(dict(result, machine=dict(m, loadavg_end=os.getloadavg())))))
     return 0 if report.ok else 1
 
 
 def render(r: dict) -> str:
     qh = r["quality_heldout_from_manifest"]
     out = [f"# int8 all-MiniLM-L6-v2 ({r['date']})", "",
-           f"Machine: {r['machine']}", f"Kernel: {r['kernel']}", "",
+           f"Kernel: {r['kernel']}", "",
            f"Quality on the held-out split ({qh['texts']} texts; reference {qh['reference']}):",
            f"- mean cosine {qh['mean_cosine']:.5f} (target >= 0.995), worst {qh['min_cosine']:.5f} (>= 0.98)",
            f"- top-10 nearest-neighbour overlap with fp32 {qh['top10_overlap']:.4f} over all {qh['texts']} "

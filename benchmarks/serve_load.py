@@ -12,7 +12,7 @@ in-process column does the same with C threads calling `Encoder.encode` on one s
 merges concurrent calls itself). Both sides of a level run back to back, in alternating order from round
 to round; reported are the medians over rounds of requests/s, texts/s, p50 and p99 latency, and the
 server's mean texts per batch; also the offline ceiling (one `encode` call over 2,000 texts, batch 32).
-Writes benchmarks/results/serve_load.{md,json}.
+Writes benchmarks/results/<machine key>/serve_load.{md,json} (benchmarks/machine.py names the CPU).
 
 Client and server share the machine's cores, so the HTTP figures include the load generator's cost.
 """
@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -33,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import announce, machine, save
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
 CACHE = HERE / ".cache"
 
 
@@ -180,11 +179,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="Encoder intra-op threads (both sides)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all levels; figures are medians")
     ap.add_argument("--server-args", default="", help="extra `stableembed serve` flags, e.g. '--max-wait-ms 2'")
-    ap.add_argument("--out", default=str(RESULTS / "serve_load"))
+    ap.add_argument("--out", default=None, help="path stem (default: results/<machine key>/serve_load)")
     args = ap.parse_args()
     if args.requests < 1 or args.seconds <= 0 or args.rounds < 1:
         raise SystemExit("--requests, --seconds and --rounds must be positive")
 
+    m = machine()
+    announce(m)
     from stableembed import Encoder
     from stableembed.serve.server import free_port
 
@@ -231,8 +232,7 @@ def main() -> int:
     results = {side: {c: {k: round(float(np.median([r[k] for r in rs])), 2) for k in rs[0]}
                       for c, rs in by_level.items()} for side, by_level in runs.items()}
 
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads,
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
             "texts_per_request": per, "bounds": {"requests": args.requests, "seconds": args.seconds},
             "offline_texts_per_s": offline, "load": os.getloadavg(), "rounds": args.rounds}
     rows = ["| concurrency | in-process req/s | p50 ms | p99 ms | HTTP req/s | p50 ms | p99 ms | texts/batch "
@@ -243,14 +243,9 @@ def main() -> int:
                     f"{b['p99_ms']} | {b['mean_batch_texts']} | {int(b['errors'])} |")
     md = "\n".join(rows) + (f"\n\nMedians of {args.rounds} rounds; {per} text(s) per request; offline ceiling "
                             f"(one encode call, batch 32): "
-                            f"{offline} texts/s; load average at the end {meta['load'][0]:.1f} on "
-                            f"{meta['cpus']} CPUs.\n")
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "median": results, "runs": runs}, indent=1),
-                                        encoding="utf-8")
+                            f"{offline} texts/s.\n")
+    print(save("serve_load", m, {"date": meta["date"], "meta": meta, "median": results, "runs": runs}, md,
+               out=args.out))
     return 0
 
 

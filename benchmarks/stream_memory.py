@@ -7,12 +7,13 @@
 `tiny` is a 2-layer, 32-wide BERT with random weights and all-MiniLM-L6-v2's tokenizer: the memory
 behaviour of reading, tokenizing, batching and writing is the same, and 1M texts take minutes, not an
 hour. Texts cycle through benchmarks/data/short.txt with a running number appended (all distinct).
+Writes benchmarks/results/<machine key>/stream_memory_<model>.{md,json} (benchmarks/machine.py names the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import datetime as dt
 import os
 import resource
 import shutil
@@ -111,7 +112,16 @@ def main() -> None:
     p.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(json.dumps(measure(args.texts, args.model)))
+    from machine import announce, machine, save
+
+    m = machine()
+    announce(m)
+    r = measure(args.texts, args.model)
+    md = (f"{r['texts']:,} texts, model {r['model']}: peak RSS {r['cli_peak_rss_mib']} MiB through `stableembed "
+          f"embed -o out.npy` ({r['cli_seconds']} s), {r['stream_peak_rss_mib']} MiB through `encode_stream` "
+          f"({r['stream_seconds']} s)")
+    print(save(f"stream_memory_{args.model}", m, {"date": dt.datetime.now(dt.timezone.utc).isoformat(
+        timespec="seconds"), **r}, md))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
-from .artifact import atomic_folder, default_buckets, write_manifest
+from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .families import FAMILIES, Family, family_for
 from .source import Source, config_value, read_source
 
@@ -29,6 +29,14 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _machine() -> dict[str, object]:
+    """The CPU the export (and its parity figures and sample bits) ran on."""
+    from ..runtime.machine import cpu_info
+
+    info = cpu_info()
+    return {k: info[k] for k in ("cpu", "family_model", "flags", "isa", "key")}
 
 
 def _write_tokenizer(folder: Path, dest: Path) -> None:
@@ -103,9 +111,7 @@ def export_model(
         cfg = src.config
         manifest = {
             "format": FORMAT,
-            # version 1 where it suffices, so older stableembed versions still load the artifact; prompts and
-            # the pooling mask need the current one (2)
-            "format_version": FORMAT_VERSION if any(src.prompts.values()) or not src.include_prompt else 1,
+            "format_version": FORMAT_VERSION,  # 2: external weights (always), prompts, the pooling mask
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
             "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
@@ -132,10 +138,15 @@ def export_model(
             "shapes": {"dynamic": {"batch": "any", "length": f"2..{src.max_length}"},
                        "fixed_buckets": bucket_list},
             "libraries": _versions(),
+            "exported_on": _machine(),
         }
         write_manifest(tmp, manifest)
         if precision == "int8":
             _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity, trust_remote_code)
+        # Last: everything above reads and rewrites a self-contained model.onnx; parity then measures
+        # the artifact as shipped.
+        manifest["weights"] = externalize_weights(tmp)
+        write_manifest(tmp, manifest)
         if parity:
             manifest["parity"] = _measure_parity(tmp, src, trust_remote_code)
             write_manifest(tmp, manifest)
@@ -163,10 +174,13 @@ def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts:
 def _measure_parity(folder: Path, src: Source, trust_remote_code: bool = False) -> dict:
     from ..data import sample_texts
     from ..runtime import Encoder
+    from ..runtime.verify import bits_sha256
     from .parity import parity_figures, reference_embeddings
 
     texts = sample_texts()
     ours = Encoder(folder).encode(texts)
     ref, name = reference_embeddings(src.path, texts, src.max_length, trust_remote_code=trust_remote_code)
+    # The bits are this machine type's (its ISA picks onnxruntime's kernels): `stableembed verify`
+    # compares its own sample fingerprint with this one and says whether the machine type differs.
     return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
-            **parity_figures(ours, ref)}
+            **parity_figures(ours, ref), "sample_bits_sha256": bits_sha256(ours), "provider": "cpu"}

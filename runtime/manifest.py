@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "stableembed-artifact"
-# 2: prompts, default_prompt_name, include_prompt (with its pooling_mask input). Export writes 1 for an
-# artifact that has none of them, so older stableembed versions still load it.
+# 1: the graph and its weights in model.onnx. 2: the weights in model.onnx.data beside it (`weights`);
+# prompts, default_prompt_name, include_prompt (with its pooling_mask input). Version 1 artifacts still
+# load. Version 2 is refused by older readers, whose TensorRT-EP cache key hashed model.onnx alone, which
+# no longer covers the weights.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+# The graph's weights, in onnx's external-data form (page-aligned, so onnxruntime maps them instead of
+# copying). Artifacts written before it existed keep their weights inside model.onnx and still load.
+WEIGHTS = "model.onnx.data"
 
 
 class ArtifactError(ValueError):
@@ -40,6 +46,15 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)  # name -> text put before each input text
     default_prompt_name: str | None = None  # applied when encode names no prompt (as sentence-transformers)
     include_prompt: bool = True  # False: the prompt's tokens are left out of pooling (graph input pooling_mask)
+    weights_file: Path | None = None  # model.onnx's external weights (None: inside model.onnx, older artifacts)
+
+    @property
+    def model_sha256(self) -> str:
+        """One digest of the graph and its weights (the sha256 of model.onnx alone for single-file artifacts)."""
+        files = self.raw["files"]
+        if self.weights_file is None:
+            return files[MODEL]["sha256"]
+        return hashlib.sha256(f"{files[MODEL]['sha256']}:{files[self.weights_file.name]['sha256']}".encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -74,7 +89,8 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
         raise ArtifactError(f"{mfile} has format version {version}; this stableembed reads version "
                             f"{FORMAT_VERSION} and older: upgrade stableembed to load it")
     files = raw.get("files", {})
-    for name in ("model.onnx", "tokenizer.json"):
+    weights = (raw.get("weights") or {}).get("file")
+    for name in (MODEL, "tokenizer.json") + ((weights,) if weights else ()):
         if name not in files:
             raise ArtifactError(f"{mfile} lists no {name}")
     for name, meta in files.items():
@@ -89,7 +105,7 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
     try:
         return Manifest(
             folder=folder,
-            model_file=folder / "model.onnx",
+            model_file=folder / MODEL,
             tokenizer_file=folder / "tokenizer.json",
             inputs=tuple(raw["inputs"]),
             output=raw["output"],
@@ -103,6 +119,7 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
             pad_id=int(raw.get("pad_id", 0)),
             raw=raw,
             **_prompt_fields(raw),
+            weights_file=_inside(folder, weights) if weights else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc

@@ -3,6 +3,7 @@ dynamic, with 1 or 2 threads, and in a fresh process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -21,6 +22,7 @@ from .encoder import Encoder
 class StabilityReport:
     texts: int
     results: dict[str, int] = field(default_factory=dict)  # variant -> texts bit-identical to alone
+    bits_sha256: str = ""  # of the texts' embeddings computed alone: compare across machines
 
     @property
     def ok(self) -> bool:
@@ -30,6 +32,12 @@ class StabilityReport:
 def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per row: True where every component has identical bits."""
     return (np.ascontiguousarray(a).view(np.uint32) == np.ascontiguousarray(b).view(np.uint32)).all(axis=-1)
+
+
+def bits_sha256(embeddings: np.ndarray) -> str:
+    """sha256 of the embeddings' float32 bits (row-major, little-endian): one value to compare between
+    machines, providers or versions for the same texts."""
+    return hashlib.sha256(np.ascontiguousarray(embeddings, dtype="<f4").tobytes()).hexdigest()
 
 
 def _fresh_process(path: Path, texts: Sequence[str], threads: int, provider: str, prompt: dict) -> np.ndarray:
@@ -56,6 +64,7 @@ def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool 
     alone_enc = Encoder(path, threads=1, provider=provider)
     kw = {"prompt_name": prompt_name, "prompt": prompt}
     alone = np.stack([alone_enc.encode(t, **kw) for t in texts])
+    report.bits_sha256 = bits_sha256(alone)
     rng = random.Random(seed)
     for mode in ("dynamic", "fixed"):
         for threads in (1, 2):

@@ -81,7 +81,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("fixed buckets", " ".join(f"{b}x{t}" for b, t in m.fixed_buckets)),
         ("created", raw["created"]),
         ("libraries", ", ".join(f"{k} {v}" for k, v in raw["libraries"].items())),
+        ("weights", _weights_line(raw)),
     ]
+    rows += _machine_rows(raw)
     if "parity" in raw:
         p = raw["parity"]
         rows.append(("parity", f"vs {p['reference']}: min cosine {p['min_cosine']:.8f}, "
@@ -94,15 +96,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_line(raw: dict) -> str:
+    w = raw.get("weights") or {}
+    if not w.get("file"):
+        return "inside model.onnx"
+    return (f"{w['file']} ({w['tensors']} tensors, {w['bytes']:,} bytes, offsets aligned to {w['alignment']} bytes: "
+            "memory-mapped by onnxruntime's CPU provider)")
+
+
+def _machine_rows(raw: dict) -> list[tuple[str, str]]:
+    """Which CPU computed the recorded bits, and which computes them here: bits are promised per machine
+    type (the ISA that picks onnxruntime's kernels) and provider, not across machine types."""
+    from .runtime.machine import cpu_info, describe
+
+    here = cpu_info()
+    rows = []
+    if "exported_on" in raw:
+        rows.append(("exported on", f"{describe(raw['exported_on'])} [{raw['exported_on']['key']}]"))
+    rows.append(("this machine", f"{describe(here)} [{here['key']}]"))
+    return rows
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .data import sample_texts
     from .runtime import load_manifest
     from .runtime.tokenize import resolve_prompt
     from .runtime.verify import check_stability
 
-    texts = _read_texts(args) if (args.input or args.texts) else sample_texts()
+    sample = not (args.input or args.texts)
+    texts = sample_texts() if sample else _read_texts(args)
     manifest = load_manifest(args.artifact)
     print(f"artifact files match their sha256: yes ({len(manifest.raw['files'])} files)")
+    import onnxruntime
+
+    from .runtime.machine import cpu_info, describe
+
+    here = cpu_info()
+    print(f"bits computed here with: provider {args.provider}, onnxruntime {onnxruntime.__version__}, "
+          f"{describe(here)} [{here['key']}]")
+    if "exported_on" in manifest.raw:
+        print(f"exported (parity, sample bits) on: {describe(manifest.raw['exported_on'])} "
+              f"[{manifest.raw['exported_on']['key']}]")
     # chosen once (an unknown name fails here, before any work); None: the model has no default prompt either
     chosen = resolve_prompt(manifest, args.prompt_name, args.prompt)
     prompt = {"prompt": chosen}
@@ -112,7 +146,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
           + (f", with the prompt {chosen!r}" if chosen is not None else ""))
     for variant, same in report.results.items():
         print(f"  {variant:<45} {same}/{report.texts} bit-identical")
+    print(f"bits sha256 of these {report.texts} embeddings: {report.bits_sha256}")
     ok = report.ok
+    recorded = manifest.raw.get("parity", {}).get("sample_bits_sha256")
+    # export recorded the sample's bits on the CPU provider with the model's default prompt: compare like with like
+    if sample and recorded and args.provider == "cpu" and chosen == resolve_prompt(manifest, None, None):
+        where = manifest.raw.get("exported_on", {}).get("key", "the export machine")
+        same_kind = where == here["key"] and manifest.raw["libraries"].get("onnxruntime") == onnxruntime.__version__
+        if recorded == report.bits_sha256:
+            print(f"  same bits as at export on {where}")
+        elif same_kind:  # the promise covers this case: same machine type, provider and onnxruntime
+            ok = False
+            print(f"  DIFFERENT bits from the export's ({recorded[:16]}…) on the same machine type and onnxruntime")
+        else:
+            print(f"  differs from the export's ({recorded[:16]}… on {where}, onnxruntime "
+                  f"{manifest.raw['libraries'].get('onnxruntime')}): expected across machine types or onnxruntime "
+                  "versions (other kernels); bits are promised per machine type and provider")
     if args.parity:
         from .export.parity import PARITY_TOLERANCE, parity_figures, reference_embeddings
         from .runtime import Encoder
@@ -157,7 +206,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     query, sims = texts[0], emb[1:] @ emb[0]
     best = int(np.argmax(sims)) + 1
     print("stableembed demo: all-MiniLM-L6-v2")
-    print(f"  exported to {out} in {t_export:.1f} s (model.onnx {manifest.raw['files']['model.onnx']['bytes']:,} bytes, "
+    model_bytes = sum(f["bytes"] for name, f in manifest.raw["files"].items() if name.startswith("model.onnx"))
+    print(f"  exported to {out} in {t_export:.1f} s (model.onnx + weights {model_bytes:,} bytes, "
           f"dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, normalized {manifest.normalize})")
     print(f"  embedded {len(texts)} sample texts in {t_embed * 1000:.0f} ms -> array {emb.shape} {emb.dtype}")
     print(f"  parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e}")

@@ -81,7 +81,7 @@ def tf32_overridden_off() -> bool:
 
 def cache_dir(manifest: Manifest) -> Path:
     root = Path(os.environ.get("STABLEEMBED_CACHE", "~/.cache/stableembed")).expanduser()
-    return root / "ort-trt" / manifest.raw["files"]["model.onnx"]["sha256"][:16]
+    return root / "ort-trt" / manifest.model_sha256[:16]  # the graph and its external weights
 
 
 def cuda_options(cuda_graph: bool = False) -> dict[str, str]:

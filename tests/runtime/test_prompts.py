@@ -165,7 +165,7 @@ def tiny_zoo_free_artifact(tmp_path_factory):
     (src / "config_sentence_transformers.json").unlink(missing_ok=True)
     export_model(src, root / "art", parity=False)
     m = load_manifest(root / "art")
-    assert m.prompts == {} and m.raw["format_version"] == 1 and "pooling_mask" not in m.inputs
+    assert m.prompts == {} and m.raw["format_version"] == FORMAT_VERSION and "pooling_mask" not in m.inputs
     return root / "art"
 
 
