@@ -44,5 +44,10 @@ def load(manifest: Manifest, provider: str, threads: int | None) -> OrtBackend:
         from .ort_gpu import OrtGpuBackend
 
         return OrtGpuBackend(manifest, provider, threads)  # type: ignore[return-value]
-    session = ort.InferenceSession(str(manifest.model_file), session_options(threads), providers=[wanted])
+    so = session_options(threads)
+    # No memory patterns on CPU: onnxruntime keeps one per distinct input shape (about 10 KB each here), so a
+    # server that sees thousands of (rows, length) shapes grows for hours; without them its RSS is flat
+    # (measured: README, Serving, soak). The arena stays; results are the same bits either way.
+    so.enable_mem_pattern = False
+    session = ort.InferenceSession(str(manifest.model_file), so, providers=[wanted])
     return OrtBackend(session, manifest.output, provider)
