@@ -39,7 +39,23 @@ def test_embed_info_verify(minilm_artifact, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "pooling" in out and "mean" in out and "384" in out and "sha256" in out
     assert main(["verify", str(minilm_artifact), "one", "two", "three", "--no-subprocess"]) == 0
-    assert "verdict: OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "each of 3 texts" in out and "verdict: OK" in out and "fresh process" not in out
+
+
+@pytest.mark.slow
+def test_verify_on_the_bundled_sample(minilm_artifact, capsys) -> None:
+    """`stableembed verify ARTIFACT`, as the README tells users to run it: the bundled sample, every
+    arrangement (8 in this process, 2 fresh processes), each text bit-identical to itself alone."""
+    from stableembed.data import sample_texts
+
+    n = len(sample_texts())
+    assert main(["verify", str(minilm_artifact)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "bit-identical" in line]
+    assert len(lines) == 10 and sum("fresh process" in line for line in lines) == 2, out
+    assert all(f" {n}/{n} bit-identical" in line for line in lines), out
+    assert f"each of {n} texts" in out and out.rstrip().endswith("verdict: OK")
 
 
 def test_cli_errors_are_clear(tmp_path, capsys) -> None:

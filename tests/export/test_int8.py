@@ -18,7 +18,6 @@ import pytest
 
 from stableembed import Encoder, export_model
 from stableembed.data import sample_texts
-from stableembed.export import PRECISIONS
 from stableembed.export.parity import cosine_rows
 from stableembed.export.quantize import reference_batched, top_k_overlap
 from stableembed.runtime.verify import check_stability, same_bits
@@ -46,8 +45,10 @@ def heldout() -> list[str]:
     return rng.sample(short, 400) + rng.sample(long, 24)
 
 
-def test_precisions() -> None:
-    assert "int8" in PRECISIONS
+def test_unknown_precision_is_refused_by_name(minilm_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision 'fp16' is not supported.*int8"):
+        export_model(minilm_dir, tmp_path / "out", precision="fp16")
+    assert not (tmp_path / "out").exists()
 
 
 def test_manifest_records_scheme_size_and_quality(int8_artifact: Path) -> None:
@@ -80,8 +81,10 @@ def test_graph_runs_integer_kernels(int8_artifact: Path) -> None:
 
 
 def test_stability_bit_for_bit(int8_artifact: Path, real_texts: list[str]) -> None:
-    """Alone == any batch, shuffled positions, dynamic or fixed buckets, 1 or 2 threads."""
-    report = check_stability(int8_artifact, real_texts, fresh_process=False)
+    """Alone == any batch, shuffled positions, dynamic or fixed buckets, 1 or 2 threads, a fresh process
+    with 1 and 2 threads."""
+    report = check_stability(int8_artifact, real_texts, fresh_process=True)
+    assert len(report.results) == 10 and sum("fresh process" in k for k in report.results) == 2
     assert report.ok, report.results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,17 +24,16 @@ def enc(minilm_artifact):
 def test_threads_share_batches_without_changing_bits(enc, real_texts) -> None:
     texts = real_texts[:100]
     serial = np.stack([enc.encode(t) for t in texts])
-    failures: list[str] = []
-    errors_seen = [0]
 
-    def worker(k: int) -> None:
+    def worker(k: int) -> tuple[list[str], int]:
+        failures, errors_seen = [], 0
         for j in range(CALLS):
             i = (k * 37 + j * 11) % len(texts)
             if j % 50 == 7:  # a bad request among the good ones
                 try:
                     enc.encode([texts[i], None])
                 except TypeError:
-                    errors_seen[0] += 1
+                    errors_seen += 1
                     continue
                 failures.append("bad input accepted")
             if j % 3 == 0:
@@ -43,15 +43,49 @@ def test_threads_share_batches_without_changing_bits(enc, real_texts) -> None:
                 ok = same_bits(enc.encode(texts[i]), serial[i]).all()
             if not ok:
                 failures.append(f"thread {k} call {j} text {i}")
+        return failures, errors_seen
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "deadlock"
-    assert failures == []
-    assert errors_seen[0] == THREADS * (CALLS // 50)
+    with ThreadPoolExecutor(THREADS) as pool:
+        futures = [pool.submit(worker, k) for k in range(THREADS)]
+        results = [f.result(timeout=600) for f in futures]  # a worker's exception surfaces here; a hang times out
+    assert [r[0] for r in results] == [[]] * THREADS
+    assert [r[1] for r in results] == [CALLS // 50] * THREADS
+
+
+def test_concurrent_calls_merge_into_shared_backend_runs(minilm_artifact, real_texts) -> None:
+    """Flat combining, observed at the backend: while one call's batch runs, the calls that arrive wait,
+    and the next run takes all of them at once (one backend run, rows of different token lengths)."""
+    enc = Encoder(minilm_artifact, threads=1, check_hashes=False)
+    texts = sorted({t for t in real_texts if 0 < len(t) < 120}, key=len)[::6][:6]
+    lengths = [len(e.ids) for e in enc.tokenizer.encode(texts)]
+    assert len(set(lengths)) > 1, lengths
+    serial = enc.encode(texts, batch_size=1)
+    inner, runs = enc.backend.run, []
+    first_running, release = threading.Event(), threading.Event()
+
+    def run(feeds):
+        runs.append(sorted(feeds["attention_mask"].sum(axis=1).tolist()))
+        if len(runs) == 1:  # hold the first run: the others queue up behind it
+            first_running.set()
+            if not release.wait(60):
+                raise TimeoutError("never released")
+        return inner(feeds)
+
+    enc.backend.run = run
+    with ThreadPoolExecutor(len(texts) + 1) as pool:
+        first = pool.submit(enc.encode, ["the first call holds the run lock"])
+        assert first_running.wait(60)
+        others = [pool.submit(enc.encode, [t]) for t in texts]
+        deadline = time.monotonic() + 60
+        while len(enc._pending) < len(texts):  # every other call has queued its request
+            assert time.monotonic() < deadline, "calls did not queue"
+            time.sleep(0.005)
+        release.set()
+        got = np.stack([f.result(60)[0] for f in others])
+        first.result(60)
+    assert len(runs) == 2, runs  # the held run, then one shared run for all waiting calls
+    assert runs[1] == sorted(lengths)
+    assert same_bits(got, serial).all()
 
 
 def test_stream_matches_encode_and_names_global_index(enc, real_texts) -> None:
