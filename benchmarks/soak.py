@@ -19,7 +19,7 @@ the server's RSS (VmRSS, /proc) after the first 2,000 requests and after the las
 10%), an RSS sample every --rss-every requests (does it level off?), peak RSS (VmHWM), and a bit-for-bit
 check of every --check-every-th good request against an in-process Encoder (done after the run, so it
 does not share the CPU with the server while measuring). Prints the CPU model and its SIMD flags.
-Writes benchmarks/results/soak.json.
+Writes benchmarks/results/<machine key>/soak.json.
 
 The clients run on the same machine as the server, so throughput figures are not the point here.
 """
@@ -32,7 +32,6 @@ import base64
 import datetime as dt
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -42,25 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import RESULTS, announce, machine as machine_info
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 CACHE = HERE / ".cache"
 MODEL = "soak"
-SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-        "amx_tile", "amx_int8")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_line() -> dict:
-    """The CPU model and its SIMD flags (as benchmarks/run.py records them)."""
-    info = dict(l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in l)
-    field = lambda k: next((v.strip() for key, v in info.items() if key.strip() == k), "?")  # noqa: E731
-    return {"cpu": field("model name"), "cpu_family_model": f"{field('cpu family')}/{field('model')}",
-            "logical_cpus": os.cpu_count(), "simd": [f for f in SIMD if f in field("flags").split()],
-            "os": platform.platform(), "python": platform.python_version()}
 
 
 def artifact_path(arg: str | None) -> Path:
@@ -255,7 +244,7 @@ def main() -> int:
     ap.add_argument("--check-every", type=int, default=100, help="bit-check every n-th request offline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-args", default="", help="extra `stableembed serve` flags")
-    ap.add_argument("--out", default=str(RESULTS / "soak.json"))
+    ap.add_argument("--out", default=None, help="default: results/<machine key>/soak.json")
     args = ap.parse_args()
     if args.requests < 1 or not 1 <= args.max_texts <= 2048 or args.concurrency < 1:
         raise SystemExit("--requests, --max-texts and --concurrency must be positive (max-texts <= 2048)")
@@ -263,9 +252,8 @@ def main() -> int:
     from stableembed.runtime.verify import same_bits
     from stableembed.serve.server import free_port
 
-    machine = cpu_line()
-    log(f"CPU: {machine['cpu']} (family/model {machine['cpu_family_model']}), {machine['logical_cpus']} logical "
-        f"CPUs, SIMD: {' '.join(machine['simd'])}; load average {os.getloadavg()[0]:.1f}")
+    machine = machine_info()
+    announce(machine)
     artifact = artifact_path(args.artifact)
     rng = random.Random(args.seed)
     maker = TextMaker(artifact, args.lengths, rng)
@@ -308,7 +296,7 @@ def main() -> int:
         "rss_mib_by_requests": {k: round(v / 1024, 1) for k, v in sorted(rss.items())},
         "server_metrics": metrics, "failures": stats["failures"][:20],
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / machine["key"] / "soak.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("server_metrics",)}, indent=1))

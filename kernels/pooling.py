@@ -131,14 +131,7 @@ def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int
                 continue
             last = sub.op("Sub", [sub.op("Cast", [count], "count_i", to=7), sub.const(np.int64(1), "one")], "last")
             last = sub.op("Max", [last, sub.const(np.int64(0), "zero_i")], "last")
-            idx = sub.op("Unsqueeze", [last, sub.const([2], "ax")], "last3")  # [B, 1, 1]
-            shape = sub.op("Shape", [hidden], "hshape")
-            hdim = sub.op("Slice", [shape, sub.const([2], "s"), sub.const([3], "e")], "h")
-            b = sub.op("Slice", [shape, sub.const([0], "s"), sub.const([1], "e")], "b")
-            full = sub.op("Concat", [b, sub.const([1], "one"), hdim], "idx_shape", axis=0)
-            idx = sub.op("Expand", [idx, full], "idx")
-            got = sub.op("GatherElements", [hidden, idx], "gathered", axis=1)
-            outs.append(sub.op("Squeeze", [got, sub.const([1], "ax")], mode))
+            outs.append(_gather_tokens(sub, hidden, last, mode))
     return outs[0] if len(outs) == 1 else sub.op("Concat", outs, "pooled", axis=1)
 
 
