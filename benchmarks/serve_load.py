@@ -134,11 +134,13 @@ async def bench_http(url: str, model: str, texts: list[str], concurrency: int, m
     return out
 
 
-def start_server(artifact: Path, port: int, threads: int | None, extra: list[str]) -> subprocess.Popen:
+def start_server(artifact: Path, port: int, threads: int | None, extra: list[str],
+                 model_name: str = "bench") -> subprocess.Popen:
+    """`stableembed serve` in a child process, returned once /ready answers 200 (also used by soak.py)."""
     import httpx
 
-    cmd = [sys.executable, "-m", "stableembed", "serve", str(artifact), "--port", str(port), "--model-name", "bench",
-           "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "stableembed", "serve", str(artifact), "--port", str(port), "--model-name",
+           model_name, "--log-level", "warning"]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd + extra)

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from machine import RESULTS, announce, machine as machine_info
+from serve_load import start_server
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -210,26 +210,6 @@ def metrics_of(url: str) -> dict:
     return out
 
 
-def start_server(artifact: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    import httpx
-
-    cmd = [sys.executable, "-m", "stableembed", "serve", str(artifact), "--port", str(port), "--model-name", MODEL,
-           "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=None, help="default: export all-MiniLM-L6-v2 into benchmarks/.cache/")
@@ -258,7 +238,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     maker = TextMaker(artifact, args.lengths, rng)
     port = free_port()
-    proc = start_server(artifact, port, args.server_args.split())
+    proc = start_server(artifact, port, None, args.server_args.split(), model_name=MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too (the finally below)
     load_start = os.getloadavg()
     try:
