@@ -2,13 +2,15 @@
 mid-request and some bad requests; every good request must succeed, and the server's memory must level off.
 
     .venv/bin/python benchmarks/soak.py [--artifact DIR] [--requests 20000] [--max-texts 64]
-                                        [--lengths uniform|loguniform] [--concurrency 8]
+                                        [--counts uniform|loguniform] [--lengths uniform|loguniform]
+                                        [--concurrency 8]
                                         [--disconnect-rate 0.03] [--bad-rate 0.03] [--server-args '...']
 
 The real all-MiniLM-L6-v2 (exported into benchmarks/.cache/ unless --artifact) runs in its own process
 (`stableembed serve`, default settings). `--concurrency` closed-loop clients (one event loop) send
-`--requests` requests in all; each request holds 1..--max-texts texts (uniform), each text 1..256 tokens of
-real prose (benchmarks/data/long.txt, cut at token boundaries; `uniform` or `loguniform` lengths), so the
+`--requests` requests in all; each request holds 1..--max-texts texts (`--counts`: uniform, or log-uniform
+as real traffic skews to small requests), each text 1..256 tokens of real prose (benchmarks/data/long.txt,
+cut at token boundaries; `uniform` or `loguniform` lengths), so the
 server's batches take hundreds of distinct (rows, length) shapes. A fraction of requests are sent on a raw
 socket that is closed before the answer (half of them after the whole body, half in the middle of it),
 another fraction are bad (wrong model, empty input, a number among the texts, broken JSON, dimensions 0)
@@ -76,7 +78,7 @@ class TextMaker:
     """Texts of a chosen token count: spans of real paragraphs cut at token boundaries (the count is that of
     the span tokenized alone, special tokens included, up to a token or two at the edges)."""
 
-    def __init__(self, artifact: Path, lengths: str, rng: random.Random):
+    def __init__(self, artifact: Path, lengths: str, counts: str, max_texts: int, rng: random.Random):
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
@@ -90,7 +92,15 @@ class TextMaker:
         if not self.sources:
             raise SystemExit("benchmarks/data/long.txt has no paragraph of 300 tokens")
         self.lengths = lengths
+        self.counts = counts
+        self.max_texts = max_texts
         self.rng = rng
+
+    def count(self) -> int:
+        """Texts in one request: uniform in 1..max_texts, or log-uniform over the same range."""
+        if self.counts == "uniform":
+            return self.rng.randint(1, self.max_texts)
+        return max(1, min(self.max_texts, int(self.max_texts ** self.rng.random() + 0.5)))
 
     def length(self) -> int:
         if self.lengths == "uniform":
@@ -145,7 +155,7 @@ async def run_clients(args: argparse.Namespace, port: int, pid: int, maker: Text
         async def one(k: int) -> None:
             r = rng.random()
             if r < args.disconnect_rate:
-                n = rng.randint(1, args.max_texts)
+                n = maker.count()
                 await disconnecting_client(port, {"model": MODEL, "input": [maker.text() for _ in range(n)]},
                                            mid_body=rng.random() < 0.5, rng=rng)
                 stats["disconnected"] += 1
@@ -161,7 +171,7 @@ async def run_clients(args: argparse.Namespace, port: int, pid: int, maker: Text
                     stats["bad_wrong_answer"] += 1
                     stats["failures"].append(f"bad request {k}: {res.status_code} {res.text[:200]}")
                 return
-            texts = [maker.text() for _ in range(rng.randint(1, args.max_texts))]
+            texts = [maker.text() for _ in range(maker.count())]
             fmt = "base64" if k % 2 else "float"
             res = await client.post("/v1/embeddings", json={"model": MODEL, "input": texts, "encoding_format": fmt})
             stats["good"] += 1
@@ -214,7 +224,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=None, help="default: export all-MiniLM-L6-v2 into benchmarks/.cache/")
     ap.add_argument("--requests", type=int, default=20_000)
-    ap.add_argument("--max-texts", type=int, default=64, help="texts per request: uniform in 1..this")
+    ap.add_argument("--max-texts", type=int, default=64, help="texts per request: 1..this")
+    ap.add_argument("--counts", choices=["uniform", "loguniform"], default="uniform",
+                    help="texts per request: uniform, or log-uniform (more small requests; cheaper)")
     ap.add_argument("--lengths", choices=["uniform", "loguniform"], default="uniform",
                     help="tokens per text in 1..256: uniform, or log-uniform (more short texts; cheaper)")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -236,14 +248,14 @@ def main() -> int:
     announce(machine)
     artifact = artifact_path(args.artifact)
     rng = random.Random(args.seed)
-    maker = TextMaker(artifact, args.lengths, rng)
+    maker = TextMaker(artifact, args.lengths, args.counts, args.max_texts, rng)
     port = free_port()
     proc = start_server(artifact, port, None, args.server_args.split(), model_name=MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too (the finally below)
     load_start = os.getloadavg()
     try:
         log(f"server ready, RSS {rss_kib(proc.pid)[0] / 1024:.1f} MiB; {args.requests} requests, "
-            f"1..{args.max_texts} texts of 1..256 tokens ({args.lengths}), {args.concurrency} clients")
+            f"1..{args.max_texts} texts ({args.counts}) of 1..256 tokens ({args.lengths}), {args.concurrency} clients")
         stats = asyncio.run(run_clients(args, port, proc.pid, maker, rng))
         time.sleep(0.5)
         rss_end, hwm = rss_kib(proc.pid)
@@ -266,7 +278,7 @@ def main() -> int:
     summary = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
         "load_start": load_start, "load_end": load_end,
-        "settings": {k: getattr(args, k) for k in ("requests", "max_texts", "lengths", "concurrency",
+        "settings": {k: getattr(args, k) for k in ("requests", "max_texts", "counts", "lengths", "concurrency",
                                                     "disconnect_rate", "bad_rate", "seed", "server_args")},
         "seconds": stats["seconds"], "good_requests": stats["good"], "good_failed": stats["good_failed"],
         "texts": stats["texts"], "bad_requests": stats["bad"], "bad_wrong_answer": stats["bad_wrong_answer"],

@@ -43,29 +43,25 @@ def levels_for(max_length: int) -> int:
 def onnx_tree_reduce(sub, x: str, max_length: int, op: str = "add", identity: float | None = None) -> str:
     """ONNX form: reduce a float32 [B, L, C] tensor over axis 1 with the same tree; returns [B, C].
 
-    The depth is fixed when the graph is built (enough for `max_length`); once a level holds one
-    element, further levels add the identity to it, which changes no bit. An input longer than
-    `max_length` leaves more than one element and the final Squeeze fails loudly.
+    One level is four nodes with constant parameters, whatever L: append one identity element
+    (Pad), take the even positions of all but that last slot (Slice 0:-1:2) and the odd positions
+    (Slice 1::2), combine them. For even L the appended slot is never read; for odd L it is the right
+    partner of the last element: exactly the reference's pairs. The depth is fixed when the graph is
+    built (enough for `max_length`); once a level holds one element, further levels combine it with
+    the identity, which changes no bit. An input longer than `max_length` leaves more than one element
+    and the final Squeeze fails loudly.
     """
     onnx_op = {"add": "Add", "max": "Max"}[op]
     ident = OPS[op][1] if identity is None else identity
     ident_c = sub.const(np.array(ident, dtype=np.float32), "identity")
-    two = sub.const(np.array([2], dtype=np.int64), "two")
-    zeros4 = sub.const(np.zeros(4, dtype=np.int64), "zeros4")
-    shape_tail = sub.const(np.array([0, -1, 2], dtype=np.int64), "shape_head")
-    idx0 = sub.const(np.array(0, dtype=np.int64), "i0")
-    idx1 = sub.const(np.array(1, dtype=np.int64), "i1")
+    one_more = sub.const(np.array([0, 0, 0, 0, 1, 0], dtype=np.int64), "pads")  # one slot at the end of axis 1
+    axis = sub.const([1], "axis")
+    step = sub.const([2], "step")
+    even_start, even_end = sub.const([0], "s"), sub.const([-1], "e")
+    odd_start, odd_end = sub.const([1], "s"), sub.const([np.iinfo(np.int64).max], "e")
     for _ in range(levels_for(max_length)):
-        shape = sub.op("Shape", [x], "shape")
-        length = sub.op("Slice", [shape, sub.const([1], "s"), sub.const([2], "e")], "len")
-        odd = sub.op("Mod", [length, two], "odd")
-        # pads = [0, 0, 0, 0, odd, 0]: one identity element at the end of axis 1 when odd
-        pads = sub.op("Concat", [zeros4, odd, sub.const([0], "z")], "pads", axis=0)
-        padded = sub.op("Pad", [x, pads, ident_c], "pad", mode="constant")
-        channels = sub.op("Slice", [shape, sub.const([2], "s"), sub.const([3], "e")], "ch")
-        new_shape = sub.op("Concat", [shape_tail, channels], "pairs_shape", axis=0)
-        pairs = sub.op("Reshape", [padded, new_shape], "pairs")
-        left = sub.op("Gather", [pairs, idx0], "left", axis=2)
-        right = sub.op("Gather", [pairs, idx1], "right", axis=2)
+        padded = sub.op("Pad", [x, one_more, ident_c], "pad", mode="constant")
+        left = sub.op("Slice", [padded, even_start, even_end, axis, step], "left")
+        right = sub.op("Slice", [padded, odd_start, odd_end, axis, step], "right")
         x = sub.op(onnx_op, [left, right], "level")
-    return sub.op("Squeeze", [x, sub.const([1], "axis")], "reduced")
+    return sub.op("Squeeze", [x, axis], "reduced")
