@@ -211,6 +211,22 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs), max(1, -(-q * len(xs) // 100))) - 1]
 
 
+# Each row of the verdict: (key, label, higher is better)
+ROWS = (("short", "short throughput (texts/s)", True), ("long", "long throughput (texts/s)", True),
+        ("mixed", "mixed stream (texts/s)", True), ("p50", "single text p50 (ms)", False),
+        ("p99", "single text p99 (ms)", False), ("cold", "cold start (s)", False),
+        ("rss", "peak RSS (MB)", False))
+SELF, PEERS = "stableembed", ("st-torch", "st-onnx", "ort-numpy", "fastembed")
+
+
+def per_repeat(run: dict, stats: dict) -> dict:
+    """One repeat's figure for every verdict row."""
+    lat = run["single_latencies_s"]
+    out = {w: stats[w]["texts"] / run[f"{w}_s"] for w in ("short", "long", "mixed")}
+    out.update(p50=pct(lat, 50) * 1e3, p99=pct(lat, 99) * 1e3, cold=run["cold_s"], rss=run["peak_rss_mb"])
+    return out
+
+
 def summarize(runs: list[dict], stats: dict, sgemm_gflops: float) -> dict:
     med = lambda k: statistics.median(r[k] for r in runs)
     s = {}
@@ -222,7 +238,34 @@ def summarize(runs: list[dict], stats: dict, sgemm_gflops: float) -> dict:
     lat = [x for r in runs for x in r["single_latencies_s"]]
     s["single"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "samples": len(lat)}
     s["cold_start_s"], s["load_s"], s["peak_rss_mb"] = med("cold_s"), med("load_s"), med("peak_rss_mb")
+    reps = [per_repeat(r, stats) for r in runs]
+    s["repeats"] = {k: [r[k] for r in reps] for k, _, _ in ROWS}  # in run order: the spread and the verdict
     return s
+
+
+def verdict(engines: dict) -> list[dict]:
+    """stableembed against the best peer on every row, from the per-repeat figures: "ahead" only when its
+    worst repeat beats the peer's best, "behind" only when its best repeat loses to the peer's worst,
+    "overlap" (no verdict) otherwise; the best peer is the one with the best median."""
+    if "summary" not in engines.get(SELF, {}):
+        return []
+    out = []
+    for key, label, higher in ROWS:
+        ours = engines[SELF]["summary"]["repeats"][key]
+        peers = {n: engines[n]["summary"]["repeats"][key] for n in PEERS if "summary" in engines.get(n, {})}
+        if not peers:
+            continue
+        pick = max if higher else min
+        best = pick(peers, key=lambda n: statistics.median(peers[n]))
+        theirs = peers[best]
+        if higher:
+            call = "ahead" if min(ours) > max(theirs) else "behind" if max(ours) < min(theirs) else "overlap"
+        else:
+            call = "ahead" if max(ours) < min(theirs) else "behind" if min(ours) > max(theirs) else "overlap"
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        out.append({"row": key, "label": label, "peer": best, "ours": ours, "theirs": theirs,
+                    "ratio": ratio if higher else 1 / ratio, "verdict": call})
+    return out
 
 
 def agreement(names: list[str]) -> dict:
@@ -239,6 +282,11 @@ def agreement(names: list[str]) -> dict:
 
 # ---- report -------------------------------------------------------------------------------------------------
 
+def spread(summary: dict, key: str, fmt: str) -> str:
+    xs = summary.get("repeats", {}).get(key)
+    return f"{min(xs):{fmt}}–{max(xs):{fmt}}" if xs else "–"
+
+
 def markdown(res: dict) -> str:
     eng, m, cfg = res["engines"], res["machine"], res["config"]
     ok = [n for n in eng if "summary" in eng[n]]
@@ -253,13 +301,14 @@ def markdown(res: dict) -> str:
     sg = res["sgemm"]
     lines += [f"Practical fp32 limit: {sg.get('how', 'SGEMM')}: **{sg['gflops']:.1f} GFLOP/s** "
               f"({sg.get('blas', '')}). Useful model FLOPs: {res['flops']['formula']}.", "",
-              "| workload | engine | texts/s | tokens/s | vs ST torch | GFLOP/s | % of SGEMM |",
-              "|---|---|--:|--:|--:|--:|--:|"]
+              "| workload | engine | texts/s | range (repeats) | tokens/s | vs ST torch | GFLOP/s | % of SGEMM |",
+              "|---|---|--:|--:|--:|--:|--:|--:|"]
     for w in ("short", "long", "mixed"):
         for n in ok:
             s = eng[n]["summary"][w]
             frac = "–" if s["fraction_of_sgemm"] is None else f"{100 * s['fraction_of_sgemm']:.1f}%"
-            lines.append(f"| {w} | {n} | {s['texts_per_s']:.0f} | {s['tokens_per_s']:.0f} | "
+            lines.append(f"| {w} | {n} | {s['texts_per_s']:.0f} | {spread(eng[n]['summary'], w, '.0f')} | "
+                         f"{s['tokens_per_s']:.0f} | "
                          f"{ratio(s['tokens_per_s'], base and base[w]['tokens_per_s'])} | {s['gflops']:.1f} | {frac} |")
     lines += ["", "Workloads (tokens counted with the model's tokenizer, truncated to 256; padding: what "
               f"length-sorted batches of {cfg['batch_size']} add): " + "; ".join(
@@ -267,14 +316,30 @@ def markdown(res: dict) -> str:
                   f"+{100 * (st['padded_tokens_sorted'] / st['tokens'] - 1):.0f}%" for w, st in res["workloads"].items())
               + f". mixed = short and long texts shuffled, sent as requests of {cfg['mixed_request_size']}; "
               "single = one short text per call.", "",
-              "| engine | single p50 ms | single p99 ms | p50 vs ST | cold start s | vs ST | peak RSS MB | "
-              "min cos vs ST |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+              "| engine | single p50 ms | range | single p99 ms | range | p50 vs ST | cold start s | range | vs ST | "
+              "peak RSS MB | min cos vs ST |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for n in ok:
         s, cos = eng[n]["summary"], res["agreement"].get(n)
-        lines.append(f"| {n} | {s['single']['p50_ms']:.2f} | {s['single']['p99_ms']:.2f} | "
+        lines.append(f"| {n} | {s['single']['p50_ms']:.2f} | {spread(s, 'p50', '.2f')} | {s['single']['p99_ms']:.2f} | "
+                     f"{spread(s, 'p99', '.2f')} | "
                      f"{ratio(base and base['single']['p50_ms'], s['single']['p50_ms'])} | {s['cold_start_s']:.2f} | "
+                     f"{spread(s, 'cold', '.2f')} | "
                      f"{ratio(base and base['cold_start_s'], s['cold_start_s'])} | {s['peak_rss_mb']:.0f} | "
                      f"{'–' if cos is None else f'{cos:.6f}'} |")
+    rows = res.get("verdict") or []
+    if rows:
+        lines += ["", f"**Verdict**, {SELF} against the best peer (best median among {', '.join(PEERS)}) on every row: "
+                  "*ahead* only when our worst repeat beats the peer's best repeat, *behind* only when our best "
+                  "repeat loses to its worst, *overlap* (no verdict) otherwise. p50/p99 per repeat are over that "
+                  "repeat's single-text calls; the p50/p99 columns above pool every repeat's calls.", "",
+                  "| row | stableembed (median, range) | best peer | peer (median, range) | ratio | verdict |",
+                  "|---|--:|---|--:|--:|---|"]
+        for v in rows:
+            fmt = ".0f" if v["row"] in ("short", "long", "mixed", "rss") else ".2f"
+            show = lambda xs: f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
+            lines.append(f"| {v['label']} | {show(v['ours'])} | {v['peer']} | {show(v['theirs'])} | "
+                         f"{v['ratio']:.2f}× | **{v['verdict']}** |")
+        lines += ["", "ratio: how many times better stableembed's median is (above 1×: better)."]
     lines += ["", "vs ST: above 1× is better than sentence-transformers torch (throughput engine/ST, times ST/engine). "
               "Cold start: spawn to first embedding (interpreter, imports, load, one text). Peak RSS: the child's "
               "ru_maxrss after all workloads.", "", "| engine | what | versions |", "|---|---|---|"]
@@ -383,6 +448,7 @@ def main() -> int:
             e["summary"] = summarize(e["runs"], stats, res["sgemm"]["gflops"])
     done = [n for n in names if "summary" in engines[n]]
     res["agreement"] = agreement(done) if "st-torch" in done else {}
+    res["verdict"] = verdict(engines)
 
     md = save("run", res.pop("machine"), res, markdown(dict(res, machine=m)), out=args.out)
     print(md)
