@@ -25,7 +25,7 @@ def onnx_normalize(sub, x: str, dim: int) -> str:
     """x: float32 [B, D] -> [B, D] unit rows."""
     sq = sub.op("Mul", [x, x], "sq")
     sq3 = sub.op("Unsqueeze", [sq, sub.const([2], "ax")], "sq3")  # [B, D, 1]: reduce axis 1
-    ss = onnx_tree_reduce(sub, sq3, dim)  # [B, 1]
+    ss = onnx_tree_reduce(sub, sq3, dim, static_length=True)  # [B, 1]
     norm = sub.op("Sqrt", [ss], "norm")
     norm = sub.op("Max", [norm, sub.const(np.float32(NORM_EPS), "eps")], "norm")
     return sub.op("Div", [x, norm], "normalized")

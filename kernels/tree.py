@@ -40,7 +40,8 @@ def levels_for(max_length: int) -> int:
     return max(1, math.ceil(math.log2(max(max_length, 1))))
 
 
-def onnx_tree_reduce(sub, x: str, max_length: int, op: str = "add", identity: float | None = None) -> str:
+def onnx_tree_reduce(sub, x: str, max_length: int, op: str = "add", identity: float | None = None,
+                     static_length: bool = False) -> str:
     """ONNX form: reduce a float32 [B, L, C] tensor over axis 1 with the same tree; returns [B, C].
 
     One level is four nodes with constant parameters, whatever L: append one identity element
@@ -50,6 +51,9 @@ def onnx_tree_reduce(sub, x: str, max_length: int, op: str = "add", identity: fl
     built (enough for `max_length`); once a level holds one element, further levels combine it with
     the identity, which changes no bit. An input longer than `max_length` leaves more than one element
     and the final Squeeze fails loudly.
+
+    `static_length`: the axis always holds exactly `max_length` elements (an embedding's width), so each
+    level's length is known and the Pad is left out of the levels whose length is even (same pairs).
     """
     onnx_op = {"add": "Add", "max": "Max"}[op]
     ident = OPS[op][1] if identity is None else identity
@@ -59,9 +63,14 @@ def onnx_tree_reduce(sub, x: str, max_length: int, op: str = "add", identity: fl
     step = sub.const([2], "step")
     even_start, even_end = sub.const([0], "s"), sub.const([-1], "e")
     odd_start, odd_end = sub.const([1], "s"), sub.const([np.iinfo(np.int64).max], "e")
+    length = max_length
     for _ in range(levels_for(max_length)):
-        padded = sub.op("Pad", [x, one_more, ident_c], "pad", mode="constant")
-        left = sub.op("Slice", [padded, even_start, even_end, axis, step], "left")
-        right = sub.op("Slice", [padded, odd_start, odd_end, axis, step], "right")
+        if static_length and length % 2 == 0:  # known even length: the pairs are 0::2 and 1::2 as they stand
+            left = sub.op("Slice", [x, even_start, odd_end, axis, step], "left")
+        else:
+            x = sub.op("Pad", [x, one_more, ident_c], "pad", mode="constant")
+            left = sub.op("Slice", [x, even_start, even_end, axis, step], "left")
+        right = sub.op("Slice", [x, odd_start, odd_end, axis, step], "right")
         x = sub.op(onnx_op, [left, right], "level")
+        length = (length + 1) // 2
     return sub.op("Squeeze", [x, axis], "reduced")

@@ -72,3 +72,19 @@ def test_longer_than_max_length_fails_loudly() -> None:
     assert (sess.run(None, {"x": np.ones((1, MAX_LEN, 2), np.float32)})[0] == MAX_LEN).all()
     with pytest.raises(Fail, match="Squeeze.*must be 1 instead of 2"):
         sess.run(None, {"x": np.ones((1, MAX_LEN + 1, 2), np.float32)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 4), length=st.integers(1, 400), c=st.integers(1, 3), op=st.sampled_from(["add", "max"]),
+       seed=st.integers(0, 2**31))
+def test_static_length_form_matches_reference(b, length, c, op, seed) -> None:
+    """The embedding-width form (Pad only on odd levels) gives the reference's bits for every width."""
+    sub = Subgraph("t")
+    out = onnx_tree_reduce(sub, "x", length, op, static_length=True)
+    model = standalone_model(sub, [("x", 1, ["b", length, "c"])], out)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).standard_normal((b, length, c)).astype(np.float32)
+    x[:, ::7] *= np.float32(1e6)  # mixed magnitudes: another pairing would round differently
+    assert (_bits(sess.run(None, {"x": x})[0]) == _bits(tree_reduce(x, 1, op))).all()
+    pads = sum(n.op_type == "Pad" for n in model.graph.node)
+    assert pads == sum(1 for k in range(levels_for(length)) if -(-length // 2 ** k) % 2 == 1)
