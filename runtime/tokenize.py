@@ -95,6 +95,8 @@ class TextTokenizer:
 
     def _encode_batch(self, texts: list[str]) -> list[Encoding]:
         try:
+            if len(texts) == 1:  # one text: no hand-off to the tokenizer's thread pool (same encoding)
+                return [self.tokenizer.encode(texts[0])]
             return self.tokenizer.encode_batch(texts)
         except Exception:
             for i, t in enumerate(texts):  # find the culprit and name it
