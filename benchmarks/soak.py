@@ -2,7 +2,7 @@
 mid-request and some bad requests; every good request must succeed, and the server's memory must level off.
 
     .venv/bin/python benchmarks/soak.py [--artifact DIR] [--requests 20000] [--max-texts 64]
-                                        [--counts uniform|loguniform] [--lengths uniform|loguniform]
+                                        [--counts loguniform|uniform] [--lengths loguniform|uniform]
                                         [--concurrency 8]
                                         [--disconnect-rate 0.03] [--bad-rate 0.03] [--server-args '...']
 
@@ -225,9 +225,9 @@ def main() -> int:
     ap.add_argument("--artifact", default=None, help="default: export all-MiniLM-L6-v2 into benchmarks/.cache/")
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--max-texts", type=int, default=64, help="texts per request: 1..this")
-    ap.add_argument("--counts", choices=["uniform", "loguniform"], default="uniform",
+    ap.add_argument("--counts", choices=["uniform", "loguniform"], default="loguniform",
                     help="texts per request: uniform, or log-uniform (more small requests; cheaper)")
-    ap.add_argument("--lengths", choices=["uniform", "loguniform"], default="uniform",
+    ap.add_argument("--lengths", choices=["uniform", "loguniform"], default="loguniform",
                     help="tokens per text in 1..256: uniform, or log-uniform (more short texts; cheaper)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--disconnect-rate", type=float, default=0.03)

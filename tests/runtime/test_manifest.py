@@ -56,7 +56,7 @@ def test_flipped_graph_byte_is_refused_as_damage(copy, where) -> None:
     (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="model.onnx does not match its sha256"):
         Encoder(copy)
-    assert not [t for t in threading.enumerate() if t.name.startswith("stableembed-hash")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("stableembed-load")]
 
 
 def test_truncated_model_is_refused(copy) -> None:

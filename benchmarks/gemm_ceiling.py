@@ -1,0 +1,113 @@
+"""How fast onnxruntime's CPU MatMul runs on the transformer's own GEMM shapes, against the SGEMM limit.
+
+    .venv/bin/python benchmarks/gemm_ceiling.py [--threads 2] [--tokens 512,2048] [--repeats 30]
+
+The "% of SGEMM" figures of benchmarks/run.py divide a workload's useful FLOPs by a 4096² float32 SGEMM
+(numpy's BLAS). The transformer's MatMuls are much smaller (all-MiniLM-L6-v2: [M, 384] × [384, 384] four
+times a layer, [M, 384] × [384, 1536] and [M, 1536] × [1536, 384], M = the tokens of one batch) and run
+in onnxruntime's own GEMM (MLAS), not in that BLAS. This script times one MatMul node per shape in
+onnxruntime (a session per shape, each timed alone: medians of --repeats runs after warm-up), the same
+product in numpy, and the 4096² SGEMM, all in this process with --threads threads. The FLOP-weighted mix
+of the six linear layers is the speed the model's linear layers could reach if nothing else ran; no
+engine built on onnxruntime's MatMul reaches a higher fraction of the SGEMM limit on this machine.
+Writes benchmarks/results/<machine key>/gemm_ceiling.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+
+import numpy as np
+
+from machine import announce, machine, save
+
+H, I = 384, 1536  # all-MiniLM-L6-v2: hidden size and FFN width
+LAYER = (("query/key/value/output", H, H, 4), ("FFN up", H, I, 1), ("FFN down", I, H, 1))
+
+
+def ort_matmul_gflops(m: int, k: int, n: int, threads: int, repeats: int) -> float:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    for _ in range(5):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    del sess
+    return 2.0 * m * k * n / statistics.median(times) / 1e9
+
+
+def numpy_gflops(m: int, k: int, n: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", default="512,2048", help="M: tokens in one batch (comma-separated)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    m_info = machine()
+    announce(m_info)
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        limit = max(numpy_gflops(4096, 4096, 4096, 5) for _ in range(2))
+        rows = []
+        for m in (int(t) for t in args.tokens.split(",")):
+            for name, k, n, count in LAYER:
+                rows.append({"tokens": m, "layer": name, "k": k, "n": n, "per_layer": count,
+                             "ort_gflops": ort_matmul_gflops(m, k, n, args.threads, args.repeats),
+                             "numpy_gflops": numpy_gflops(m, k, n, args.repeats)})
+    mixes = {}
+    for m in sorted({r["tokens"] for r in rows}):
+        rs = [r for r in rows if r["tokens"] == m]
+        flops = [2.0 * m * r["k"] * r["n"] * r["per_layer"] for r in rs]
+        mixes[m] = sum(flops) / sum(f / r["ort_gflops"] for f, r in zip(flops, rs))
+    lines = [f"# onnxruntime MatMul on all-MiniLM-L6-v2's shapes vs the SGEMM limit ({args.threads} threads)", "",
+             f"SGEMM limit: numpy float32 4096² with {args.threads} BLAS threads: **{limit:.1f} GFLOP/s**. "
+             f"Each shape: one MatMul node, median of {args.repeats} runs.", "",
+             "| tokens M | layer | shape | onnxruntime GFLOP/s | % of limit | numpy GFLOP/s |", "|--:|---|---|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['layer']} (×{r['per_layer']}) | [{r['tokens']}, {r['k']}] × [{r['k']}, "
+                     f"{r['n']}] | {r['ort_gflops']:.1f} | {100 * r['ort_gflops'] / limit:.1f}% | "
+                     f"{r['numpy_gflops']:.1f} |")
+    lines += ["", "FLOP-weighted mix of one layer's six linear MatMuls in onnxruntime (the ceiling for an "
+              "onnxruntime engine's useful FLOPs, before attention, softmax, LayerNorm and GELU): " +
+              "; ".join(f"M = {m}: {g:.1f} GFLOP/s = **{100 * g / limit:.1f}%** of the limit" for m, g in mixes.items())]
+    data = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
+            "sgemm_limit_gflops": limit, "rows": rows, "linear_mix_gflops": {str(k): v for k, v in mixes.items()}}
+    print(save("gemm_ceiling", m_info, data, "\n".join(lines), out=args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
