@@ -26,7 +26,10 @@ def test_serve_command_end_to_end(minilm_artifact, reference, sig) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stableembed", "serve", str(minilm_artifact), "--port", str(port),
                              "--model-name", "minilm", "--max-wait-ms", "1", "--log-level", "info"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # A shell starts background jobs with SIGINT ignored, and an ignored signal stays
+                            # ignored in the child (uvicorn's re-raise then does nothing): give it the default.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
