@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, overload
@@ -14,7 +13,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from .backends import Backend, load_backend
-from .manifest import Manifest, check_file_hashes, load_manifest
+from .manifest import Manifest, load_manifest
 from .schedule import Batch, plan_dynamic, plan_fixed
 from .tokenize import TextTokenizer, check_texts, model_prompts, resolve_prompt
 
@@ -62,34 +61,15 @@ class Encoder:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        # Sizes are checked here; the sha256s (about 0.15 s for a 90 MB model) are computed on a second
-        # thread while onnxruntime builds its session, and awaited before the constructor returns: a damaged
-        # file is still refused before any embedding, and cold start loses the hashing time. On CPU the
-        # session is built on a thread too (onnxruntime releases the GIL while it loads), so the tokenizer,
-        # whose load holds the GIL, is read meanwhile. GPU backends load on the caller's thread.
-        self.manifest: Manifest = load_manifest(path, check_hashes=False)
+        self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)
         if mode == "fixed" and max(t for _, t in self.manifest.fixed_buckets) < self.manifest.max_length:
             raise ValueError("the manifest's fixed buckets do not reach its max_length")
         self.mode = mode
         self.provider = provider
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
-        with ThreadPoolExecutor(2, thread_name_prefix="stableembed-load") as pool:
-            hashed = pool.submit(check_file_hashes, self.manifest.folder, self.manifest.raw["files"]) \
-                if check_hashes else None
-            backend = pool.submit(load_backend, self.manifest, provider, threads) if provider == "cpu" else None
-            try:
-                self.tokenizer = TextTokenizer(self.manifest, truncate=truncate)
-                self.backend: Backend = backend.result() if backend is not None \
-                    else load_backend(self.manifest, provider, threads)
-            except Exception:
-                if backend is not None:
-                    wait([backend])
-                if hashed is not None:
-                    hashed.result()  # a damaged file explains the failure better than the loader does
-                raise
-            if hashed is not None:
-                hashed.result()
+        self.tokenizer = TextTokenizer(self.manifest, truncate=truncate)
+        self.backend: Backend = load_backend(self.manifest, provider, threads)
         self._pending: deque[_Request] = deque()
         self._pending_lock = threading.Lock()
         self._run_lock = threading.Lock()

@@ -46,17 +46,13 @@ def test_flipped_byte_is_refused(copy) -> None:
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
 def test_flipped_graph_byte_is_refused_as_damage(copy, where) -> None:
-    """The sha256s are checked on a second thread while onnxruntime loads the graph: whether the load
-    itself fails on the damaged graph or not, the error names the damaged file, and no hashing thread
-    is left behind."""
-    import threading
-
+    """Whether onnxruntime could load the damaged graph or not, the error names the damaged file (the
+    sha256s are checked before any file is opened by a loader)."""
     data = bytearray((copy / "model.onnx").read_bytes())
     data[int(len(data) * where)] ^= 0x55
     (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="model.onnx does not match its sha256"):
         Encoder(copy)
-    assert not [t for t in threading.enumerate() if t.name.startswith("stableembed-load")]
 
 
 def test_truncated_model_is_refused(copy) -> None:
