@@ -24,6 +24,14 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 @dataclass
+class _Row:
+    """The two fields of a token encoding that `TextTokenizer.feeds` reads (warm_up's synthetic row)."""
+
+    ids: list[int]
+    type_ids: list[int]
+
+
+@dataclass
 class _Request:
     encodings: list[Encoding]
     batch_size: int
@@ -73,6 +81,32 @@ class Encoder:
         self._pending: deque[_Request] = deque()
         self._pending_lock = threading.Lock()
         self._run_lock = threading.Lock()
+
+    def warm_up(self, batch_size: int = 32) -> Batch | None:
+        """Run the largest batch `encode(..., batch_size)` can schedule, once, and return its shape.
+
+        onnxruntime keeps the memory of the largest run it has seen (its CPU arena), so a server that
+        never warmed up takes a step in RSS the first time such a batch arrives (README, Serving). In
+        dynamic mode the largest run is max_length tokens long with as many rows as the token budget
+        allows; in fixed mode, the bucket with the most rows × length². Nothing is done (None) when even
+        one max_length row is over the token budget (long-context models: one such run is seconds and
+        gigabytes, and their CPU sessions keep no arena). Results are not affected: no run changes another's."""
+        if self.mode == "fixed":
+            rows, length = max(self.manifest.fixed_buckets, key=lambda b: b[0] * b[1] * b[1])
+        else:
+            if self.max_length > self.max_batch_tokens:
+                return None
+            rows, length = min(batch_size, self.max_batch_tokens // self.max_length), self.max_length
+        # Token ids spread evenly over the vocabulary: the run also reads the whole word-embedding table,
+        # whose pages (memory-mapped from the weights file) real traffic would fault in over its first
+        # requests. Any ids give the same activation sizes.
+        vocab = self.tokenizer.tokenizer.get_vocab_size(with_added_tokens=False)
+        ids = np.linspace(0, vocab - 1, rows * length).astype(np.int64).reshape(rows, length)
+        batch = Batch(indices=tuple(range(rows)), length=length, rows=rows)
+        feeds = self.tokenizer.feeds([_Row(r.tolist(), [0] * length) for r in ids], batch)
+        with self._run_lock:
+            self.backend.run(feeds)
+        return batch
 
     @property
     def dim(self) -> int:

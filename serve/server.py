@@ -135,6 +135,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="require this bearer token on /v1/* (default: $STABLEEMBED_API_KEY; unset: open)")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown; 0: no limit (default %(default)s)")
+    s.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the largest batch once before accepting requests, so memory is flat from the first "
+                        "request (skipped when one max_length text is over --max-batch-tokens)")
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=cmd_serve)
@@ -155,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     encoder = Encoder(args.artifact, **encoder_options(args))
+    if args.warm_up:
+        encoder.warm_up(config.batch_size)
     app = create_app(encoder, config, model_names=args.model_names)
     server = make_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
                          log_level=args.log_level, access_log=args.access_log)

@@ -81,3 +81,39 @@ def test_missing_provider_is_an_error_not_a_fallback(minilm_artifact) -> None:
 def test_progress_bar(enc, capsys) -> None:
     enc.encode(["a", "b", "c"], show_progress=True)
     assert "3/3" in capsys.readouterr().err
+
+
+class _Recorder:
+    """Wraps a backend and records the feed shapes of every run."""
+
+    def __init__(self, backend):
+        self.inner, self.shapes = backend, []
+
+    def run(self, feeds):
+        self.shapes.append({k: v.shape for k, v in feeds.items()})
+        return self.inner.run(feeds)
+
+
+@pytest.mark.parametrize("budget, batch_size, expected", [(2048, 32, (8, 256)), (4096, 32, (16, 256)),
+                                                          (2048, 4, (4, 256)), (255, 32, None)])
+def test_warm_up_runs_the_largest_dynamic_batch_once(minilm_artifact, budget, batch_size, expected) -> None:
+    """The largest run `encode` can schedule: max_length long, as many rows as the budget and batch_size
+    allow; nothing when one max_length row is over the budget. Results afterwards are unchanged."""
+    enc = Encoder(minilm_artifact, max_batch_tokens=budget)
+    before = enc.encode(["warm", "up " * 300])
+    enc.backend = rec = _Recorder(enc.backend)
+    batch = enc.warm_up(batch_size)
+    if expected is None:
+        assert batch is None and rec.shapes == []
+    else:
+        assert (batch.rows, batch.length) == expected
+        assert rec.shapes == [{name: expected for name in ("input_ids", "attention_mask", "token_type_ids")}]
+    assert same_bits(enc.encode(["warm", "up " * 300]), before).all()
+
+
+def test_warm_up_in_fixed_mode_takes_the_biggest_bucket(minilm_artifact) -> None:
+    enc = Encoder(minilm_artifact, mode="fixed")
+    enc.backend = rec = _Recorder(enc.backend)
+    batch = enc.warm_up()
+    rows, length = max(enc.manifest.fixed_buckets, key=lambda b: b[0] * b[1] * b[1])
+    assert (batch.rows, batch.length) == (rows, length) and rec.shapes[0]["input_ids"] == (rows, length)

@@ -79,3 +79,27 @@ def test_serve_flags_reach_the_server(serve_encoder) -> None:
         res = httpx.post(srv.url + "/v1/embeddings", json={"model": "m", "input": ["six tokens in this one"]},
                          timeout=60)
         assert res.status_code == 400 and "queues at most 5" in error_of(res)["message"]
+
+
+def test_warm_up_is_on_by_default_and_can_be_turned_off(monkeypatch, minilm_artifact) -> None:
+    """`stableembed serve` warms the encoder up (Encoder.warm_up, tested in tests/runtime) before it starts
+    the server, with the server's batch size, unless --no-warm-up."""
+    from stableembed.runtime import Encoder
+    from stableembed.serve import server as server_mod
+
+    calls = []
+    monkeypatch.setattr(Encoder, "warm_up", lambda self, batch_size=32: calls.append(batch_size))
+
+    class _Stop(Exception):
+        pass
+
+    def no_server(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(server_mod, "make_server", no_server)
+    for flags, expected in (([], [32]), (["--batch-size", "8"], [8]), (["--no-warm-up"], [])):
+        calls.clear()
+        args = build_parser().parse_args(["serve", str(minilm_artifact), *flags])
+        with pytest.raises(_Stop):
+            args.func(args)
+        assert calls == expected, flags
