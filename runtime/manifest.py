@@ -72,13 +72,6 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def check_file_hashes(folder: Path, files: dict[str, Any]) -> None:
-    """Raise ArtifactError naming the first of `files` (manifest entries) whose sha256 differs."""
-    for name, meta in files.items():
-        if sha256_file(_inside(folder, name)) != meta["sha256"]:
-            raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
-
-
 def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
     """Read and check an artifact's manifest; with `check_hashes`, every file's sha256 too."""
     folder = Path(folder).expanduser().resolve()
@@ -107,8 +100,8 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
         if path.stat().st_size != meta["bytes"]:
             raise ArtifactError(f"artifact file {name} is damaged or truncated: {path.stat().st_size} bytes, "
                                 f"manifest says {meta['bytes']}")
-    if check_hashes:
-        check_file_hashes(folder, files)
+        if check_hashes and sha256_file(path) != meta["sha256"]:
+            raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
     try:
         return Manifest(
             folder=folder,
