@@ -55,7 +55,8 @@ class Encoder:
             (batch, length) buckets, as TensorRT engines and CUDA graphs need.
         threads: intra-op threads (None: onnxruntime's default, one per physical core).
         provider: "cpu", "cuda" or "tensorrt"; a provider that is not installed raises.
-        check_hashes: verify every artifact file's sha256 on load.
+        check_hashes: verify every artifact file's sha256 on load (a large file whose earlier check left a
+            stamp and that has not changed since is not re-read: runtime/stamps.py).
         truncate: cut texts to the manifest's max_length tokens (as sentence-transformers does);
             False raises ValueError for a longer text instead.
         max_batch_tokens: in dynamic mode, a batch (one model run) also closes when its padded size

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import stamps
 
 FORMAT = "stableembed-artifact"
 # 1: the graph and its weights in model.onnx. 2: the weights in model.onnx.data beside it (`weights`);
@@ -72,8 +75,24 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
-    """Read and check an artifact's manifest; with `check_hashes`, every file's sha256 too."""
+def check_sha256(path: Path, name: str, expected: str, rehash: bool = False) -> None:
+    """ArtifactError unless `path` has the sha256 `expected`. A large file that an earlier check stamped
+    and that has not changed since is not re-read, unless `rehash` (runtime/stamps.py)."""
+    if path.stat().st_size < stamps.STAMP_MIN_BYTES:
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
+        return
+    if not rehash and stamps.is_stamped(path, expected):
+        return
+    before, started = path.stat(), time.time()
+    if sha256_file(path) != expected:
+        raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
+    stamps.hash_checked(path, expected, before, started)
+
+
+def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = False) -> Manifest:
+    """Read and check an artifact's manifest; with `check_hashes`, every file's sha256 too (a large file
+    stamped by an earlier check and unchanged since is trusted without a re-read, unless `rehash`)."""
     folder = Path(folder).expanduser().resolve()
     mfile = folder / MANIFEST
     if not mfile.is_file():
@@ -100,8 +119,8 @@ def load_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
         if path.stat().st_size != meta["bytes"]:
             raise ArtifactError(f"artifact file {name} is damaged or truncated: {path.stat().st_size} bytes, "
                                 f"manifest says {meta['bytes']}")
-        if check_hashes and sha256_file(path) != meta["sha256"]:
-            raise ArtifactError(f"artifact file {name} does not match its sha256 in the manifest")
+        if check_hashes:
+            check_sha256(path, name, meta["sha256"], rehash)
     try:
         return Manifest(
             folder=folder,

