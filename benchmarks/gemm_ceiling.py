@@ -10,6 +10,12 @@ onnxruntime (a session per shape, each timed alone: medians of --repeats runs af
 product in numpy, and the 4096² SGEMM, all in this process with --threads threads. The FLOP-weighted mix
 of the six linear layers is the speed the model's linear layers could reach if nothing else ran; no
 engine built on onnxruntime's MatMul reaches a higher fraction of the SGEMM limit on this machine.
+
+For a few tokens (M = 16: one short text) a MatMul reads far more weight bytes than it does FLOPs, so its
+limit is memory bandwidth, not the SGEMM limit. The script also measures that bandwidth as BLAS sees it
+(float32 matrix-vector products over a 256 MiB matrix, which streams every byte once per product) and gives,
+per token count, one layer's linear MatMul time in onnxruntime beside the time to read its weights once at
+that bandwidth.
 Writes benchmarks/results/<machine key>/gemm_ceiling.{md,json}.
 """
 
@@ -68,10 +74,25 @@ def numpy_gflops(m: int, k: int, n: int, repeats: int) -> float:
     return 2.0 * m * k * n / statistics.median(times) / 1e9
 
 
+def stream_gbps(repeats: int) -> float:
+    """Weight-streaming bandwidth: a [8192, 8192] float32 matrix (256 MiB, beyond any cache) times a
+    vector, GB/s of matrix bytes read, median of `repeats`."""
+    rng = np.random.default_rng(0)
+    a, v = rng.standard_normal((8192, 8192), dtype=np.float32), rng.standard_normal(8192, dtype=np.float32)
+    for _ in range(2):
+        a @ v
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ v
+        times.append(time.perf_counter() - t0)
+    return a.nbytes / statistics.median(times) / 1e9
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", default="512,2048", help="M: tokens in one batch (comma-separated)")
+    ap.add_argument("--tokens", default="16,512,2048", help="M: tokens in one batch (comma-separated)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -81,17 +102,22 @@ def main() -> int:
     announce(m_info)
     with threadpool_limits(limits=args.threads, user_api="blas"):
         limit = max(numpy_gflops(4096, 4096, 4096, 5) for _ in range(2))
+        bandwidth = stream_gbps(max(5, args.repeats // 3))
         rows = []
         for m in (int(t) for t in args.tokens.split(",")):
             for name, k, n, count in LAYER:
                 rows.append({"tokens": m, "layer": name, "k": k, "n": n, "per_layer": count,
                              "ort_gflops": ort_matmul_gflops(m, k, n, args.threads, args.repeats),
                              "numpy_gflops": numpy_gflops(m, k, n, args.repeats)})
-    mixes = {}
+    mixes, layer_ms = {}, {}
+    weight_bytes = 4 * sum(k * n * count for _, k, n, count in LAYER)  # one layer's linear weights, float32
     for m in sorted({r["tokens"] for r in rows}):
         rs = [r for r in rows if r["tokens"] == m]
         flops = [2.0 * m * r["k"] * r["n"] * r["per_layer"] for r in rs]
-        mixes[m] = sum(flops) / sum(f / r["ort_gflops"] for f, r in zip(flops, rs))
+        seconds = sum(f / (r["ort_gflops"] * 1e9) for f, r in zip(flops, rs))
+        mixes[m] = sum(flops) / seconds / 1e9
+        layer_ms[m] = 1e3 * seconds
+    read_ms = 1e3 * weight_bytes / (bandwidth * 1e9)
     lines = [f"# onnxruntime MatMul on all-MiniLM-L6-v2's shapes vs the SGEMM limit ({args.threads} threads)", "",
              f"SGEMM limit: numpy float32 4096² with {args.threads} BLAS threads: **{limit:.1f} GFLOP/s**. "
              f"Each shape: one MatMul node, median of {args.repeats} runs.", "",
@@ -102,9 +128,18 @@ def main() -> int:
                      f"{r['numpy_gflops']:.1f} |")
     lines += ["", "FLOP-weighted mix of one layer's six linear MatMuls in onnxruntime (the ceiling for an "
               "onnxruntime engine's useful FLOPs, before attention, softmax, LayerNorm and GELU): " +
-              "; ".join(f"M = {m}: {g:.1f} GFLOP/s = **{100 * g / limit:.1f}%** of the limit" for m, g in mixes.items())]
+              "; ".join(f"M = {m}: {g:.1f} GFLOP/s = **{100 * g / limit:.1f}%** of the limit" for m, g in mixes.items()),
+              "", f"Weight-streaming bandwidth (float32 matrix-vector over 256 MiB, {args.threads} BLAS threads): "
+              f"**{bandwidth:.1f} GB/s**. One layer's linear weights are {weight_bytes / 1e6:.2f} MB; reading "
+              f"them once at that bandwidth takes **{read_ms:.3f} ms** (× 6 layers = {6 * read_ms:.2f} ms a model "
+              "run, whatever the engine, unless they stay in cache).", "",
+              "| tokens M | one layer's linear MatMuls in onnxruntime (ms) | weight read at stream bandwidth (ms) | "
+              "ratio |", "|--:|--:|--:|--:|"]
+    lines += [f"| {m} | {ms:.3f} | {read_ms:.3f} | {ms / read_ms:.2f}× |" for m, ms in layer_ms.items()]
     data = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
-            "sgemm_limit_gflops": limit, "rows": rows, "linear_mix_gflops": {str(k): v for k, v in mixes.items()}}
+            "sgemm_limit_gflops": limit, "stream_gbps": bandwidth, "layer_weight_bytes": weight_bytes,
+            "rows": rows, "linear_mix_gflops": {str(k): v for k, v in mixes.items()},
+            "layer_linear_ms": {str(k): v for k, v in layer_ms.items()}, "weight_read_ms": read_ms}
     print(save("gemm_ceiling", m_info, data, "\n".join(lines), out=args.out))
     return 0
 
