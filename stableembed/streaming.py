@@ -59,16 +59,60 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def _jsonl_done(path: Path) -> int:
-    """Complete lines in an existing .jsonl output; a torn last line is cut off."""
+def _jsonl_done(path: Path) -> tuple[int, dict | None]:
+    """Complete lines in an existing .jsonl output and the last of them, parsed; a torn last line is cut
+    off. Reads the file in 1 MiB blocks (an output of millions of rows is never held in memory)."""
     if not path.exists():
-        return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
+        return 0, None
+    lines, end = 0, 0  # end: the byte after the last newline
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n = block.count(b"\n")
+            if n:
+                lines += n
+                end = f.tell() - len(block) + block.rfind(b"\n") + 1
+        size = f.tell()
+    if end != size:
         with open(path, "r+b") as f:
-            f.truncate(keep)
-    return data[:keep].count(b"\n")
+            f.truncate(end)
+    if not lines:
+        return 0, None
+    with open(path, "rb") as f:  # the last complete line: scan back from its end
+        start, step = end - 1, 1 << 16
+        while True:
+            lo = max(0, start - step)
+            f.seek(lo)
+            k = f.read(start - lo).rfind(b"\n")
+            if k >= 0 or lo == 0:
+                first = lo + k + 1 if k >= 0 else 0
+                break
+            step *= 2
+        f.seek(first)
+        last = f.read(end - first)
+    try:
+        return lines, json.loads(last)
+    except ValueError as exc:
+        raise ValueError(f"cannot resume {path}: its line {lines} is not JSON ({exc})") from exc
+
+
+def _check_resume(out: Path, texts: Iterator[str], done: int, last: dict | None,
+                  prompt: str | None) -> Iterator[str]:
+    """`texts` after the `done` already in `out`, once the input and the prompt are those `out` was started
+    with: its last line must hold the input's line `done` and this run's prompt (rows embedded from other
+    texts or with another prompt would otherwise be mixed in silently)."""
+    if not done:
+        return texts
+    if not isinstance(last, dict) or last.get("prompt") != prompt:
+        started = last.get("prompt") if isinstance(last, dict) else None
+        raise ValueError(f"cannot resume {out}: it was started with the prompt {started!r}, this run's is "
+                         f"{prompt!r}")
+    skipped = list(itertools.islice(texts, done - 1, done))
+    if not skipped:
+        raise ValueError(f"cannot resume {out}: it holds {done} rows, the input has fewer lines")
+    if skipped[0] != last.get("text"):
+        raise ValueError(f"cannot resume {out}: its line {done} holds the text {str(last.get('text'))[:60]!r}, "
+                         f"the input's line {done} is {skipped[0][:60]!r}: another input?")
+    return texts
 
 
 def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = False, chunk_size: int = 4096,
@@ -86,17 +130,20 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
     total = None if from_stdin else _count_lines(Path(source))  # type: ignore[arg-type]
     with read_lines(source) as texts:
         if out.suffix == ".jsonl":
-            done = _jsonl_done(out) if resume else 0
+            done, last = _jsonl_done(out) if resume else (0, None)
+            texts = _check_resume(out, texts, done, last, chosen)  # before the output is opened to append
             sink = open(out, "a" if resume else "w", encoding="utf-8")
         else:
             done, sink = _open_npy(out, total or 0, enc.dim, resume, chosen)
-        texts = itertools.islice(texts, done, None)
+            texts = itertools.islice(texts, done, None)
+        # .jsonl lines name their prompt when there is one, so a resumed run can check it
+        tag = {} if chosen is None else {"prompt": chosen}
         show = progress if progress is not None else (total or 0) >= 1000
         written = 0
         with sink:
             for chunk_texts, emb in _chunks(enc, texts, chunk_size, batch_size, show, total, done, chosen):
                 if out.suffix == ".jsonl":
-                    sink.write("".join(json.dumps({"text": t, "embedding": [float(v) for v in row]},
+                    sink.write("".join(json.dumps({"text": t, **tag, "embedding": [float(v) for v in row]},
                                                   ensure_ascii=False) + "\n" for t, row in zip(chunk_texts, emb)))
                 else:
                     sink.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())

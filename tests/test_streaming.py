@@ -99,3 +99,64 @@ def test_crlf_input_gives_the_same_texts_and_bits_on_every_path(minilm_artifact,
     for got in (from_file, from_stdin, np.load(tmp_path / "o.npy"),
                 np.array([r["embedding"] for r in rows], dtype=np.float32)):
         assert got.shape == ref.shape and same_bits(got, ref).all()
+
+
+def _interrupted_jsonl(enc, path, out, **kw) -> None:
+    """A .jsonl run of `path` that dies after its first two chunks of 16."""
+    real = enc._encode_chunk
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    enc._encode_chunk = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed_file(enc, str(path), str(out), chunk_size=16, **kw)
+    finally:
+        del enc._encode_chunk
+
+
+def test_jsonl_resume_refuses_another_prompt_or_input(enc, corpus, tmp_path) -> None:
+    path, texts = corpus
+    out = tmp_path / "out.jsonl"
+    _interrupted_jsonl(enc, path, out, prompt="query: ")
+    before = out.read_bytes()
+    rows = [json.loads(line) for line in before.decode().splitlines()]
+    assert len(rows) == 32 and {r["prompt"] for r in rows} == {"query: "}
+    with pytest.raises(ValueError, match="started with the prompt 'query: ', this run's is None"):
+        embed_file(enc, str(path), str(out), resume=True)
+    with pytest.raises(ValueError, match="started with the prompt 'query: ', this run's is 'passage: '"):
+        embed_file(enc, str(path), str(out), resume=True, prompt="passage: ")
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(texts[:31] + ["a different line 32"] + texts[32:]), encoding="utf-8")
+    with pytest.raises(ValueError, match="line 32 holds the text .* the input's line 32 is 'a different"):
+        embed_file(enc, str(other), str(out), resume=True, prompt="query: ")
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(texts[:20]), encoding="utf-8")
+    with pytest.raises(ValueError, match="holds 32 rows, the input has fewer lines"):
+        embed_file(enc, str(short), str(out), resume=True, prompt="query: ")
+    assert out.read_bytes() == before  # nothing lost, nothing appended
+    assert embed_file(enc, str(path), str(out), resume=True, prompt="query: ", chunk_size=16) == len(texts) - 32
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    ref = enc.encode(texts, prompt="query: ")
+    assert [r["text"] for r in rows] == texts
+    assert same_bits(np.array([r["embedding"] for r in rows], dtype=np.float32), ref).all()
+
+
+@pytest.mark.parametrize("line_bytes", [10, 70_000, 300_000])  # inside, past, and far past the 64 KiB step
+@pytest.mark.parametrize("lines", [1, 3])
+def test_jsonl_done_finds_the_last_complete_line(tmp_path, line_bytes, lines) -> None:
+    from stableembed.streaming import _jsonl_done
+
+    out = tmp_path / "o.jsonl"
+    records = [{"text": f"t{i}", "pad": "x" * line_bytes} for i in range(lines)]
+    body = "".join(json.dumps(r) + "\n" for r in records)
+    out.write_text(body + '{"text": "torn', encoding="utf-8")
+    assert _jsonl_done(out) == (lines, records[-1])
+    assert out.read_text(encoding="utf-8") == body  # the torn tail is cut off
+    out.write_text("")
+    assert _jsonl_done(out) == (0, None)
