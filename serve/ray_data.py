@@ -17,6 +17,8 @@ blocks, actors, files and the batch size change only speed and file layout, neve
 The artifact folder must be readable at the same path on every node (shared storage, or copied there
 first). Output columns: every input column (for text files: `text`, and `path` with `include_paths`),
 plus `embedding` as a Parquet fixed_size_list<float32>[dim] column that any Parquet reader understands.
+`prompt_name` / `prompt` choose the prompt put before every text, as in `Encoder.encode` (the model's
+default prompt when neither is given); an unknown name fails before any Ray work starts.
 """
 
 from __future__ import annotations
@@ -38,20 +40,22 @@ class EmbedBatches:
     """
 
     def __init__(self, artifact: str, text_column: str = "text", output_column: str = "embedding",
-                 threads: int | None = 1, batch_size: int = 32, mode: str = "dynamic"):
+                 threads: int | None = 1, batch_size: int = 32, mode: str = "dynamic",
+                 prompt_name: str | None = None, prompt: str | None = None):
         from ..runtime import Encoder
 
         self.encoder = Encoder(artifact, mode=mode, threads=threads)
         self.text_column = text_column
         self.output_column = output_column
         self.batch_size = batch_size
+        self.prompt = {"prompt_name": prompt_name, "prompt": prompt}
 
     def __call__(self, batch: Any) -> Any:
         import numpy as np
         import pyarrow as pa
 
         texts = batch.column(self.text_column).to_pylist()
-        emb = self.encoder.encode(texts, batch_size=self.batch_size)
+        emb = self.encoder.encode(texts, batch_size=self.batch_size, **self.prompt)
         flat = pa.array(np.ascontiguousarray(emb).reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, self.encoder.dim)
         return batch.append_column(self.output_column, column)
@@ -81,10 +85,12 @@ def read_texts(paths: str | Sequence[str], text_column: str = "text", include_pa
 
 def embed_dataset(ds: Any, artifact: str | Path, *, text_column: str = "text", output_column: str = "embedding",
                   num_actors: int = 2, batch_rows: int = 256, threads_per_actor: int = 1,
-                  cpus_per_actor: float | None = None, batch_size: int = 32, mode: str = "dynamic") -> Any:
+                  cpus_per_actor: float | None = None, batch_size: int = 32, mode: str = "dynamic",
+                  prompt_name: str | None = None, prompt: str | None = None) -> Any:
     """`ds` with an `embedding` column, computed by an actor pool of `num_actors` Encoders, each running
     `threads_per_actor` intra-op threads and reserving `cpus_per_actor` Ray CPUs (default: as many as its
-    threads). `batch_rows`: rows per map_batches call; `batch_size`: the Encoder's.
+    threads). `batch_rows`: rows per map_batches call; `batch_size`: the Encoder's; `prompt_name` /
+    `prompt` as in `Encoder.encode`.
 
     The pool holds its CPUs for the whole run, and Ray Data's read and write tasks need CPUs too: a pool
     that reserves every CPU of the cluster waits forever for its input. So num_actors x cpus_per_actor
@@ -92,6 +98,11 @@ def embed_dataset(ds: Any, artifact: str | Path, *, text_column: str = "text", o
     """
     ray = require("ray", "ray")
     ray_data = require("ray.data", "ray")
+    from ..runtime.manifest import load_manifest
+    from ..runtime.tokenize import resolve_prompt
+
+    # here, not in the actors: a bad prompt name fails at once, not after Ray has started its pool
+    resolve_prompt(load_manifest(artifact, check_hashes=False), prompt_name, prompt)
     cpus = float(threads_per_actor if cpus_per_actor is None else cpus_per_actor)
     if num_actors < 1 or cpus <= 0:
         raise ValueError("num_actors and cpus_per_actor must be positive")
@@ -105,7 +116,8 @@ def embed_dataset(ds: Any, artifact: str | Path, *, text_column: str = "text", o
         EmbedBatches,
         fn_constructor_kwargs={"artifact": str(Path(artifact).resolve()), "text_column": text_column,
                                "output_column": output_column, "threads": threads_per_actor,
-                               "batch_size": batch_size, "mode": mode},
+                               "batch_size": batch_size, "mode": mode, "prompt_name": prompt_name,
+                               "prompt": prompt},
         batch_size=batch_rows,
         batch_format="pyarrow",
         compute=ray_data.ActorPoolStrategy(size=num_actors),
@@ -117,16 +129,18 @@ def embed_files_to_parquet(paths: str | Sequence[str], artifact: str | Path, out
                            text_column: str = "text", num_actors: int = 2, batch_rows: int = 256,
                            threads_per_actor: int = 1, cpus_per_actor: float | None = None,
                            batch_size: int = 32, num_blocks: int | None = None,
-                           include_paths: bool = False, drop_empty_lines: bool = False) -> str:
+                           include_paths: bool = False, drop_empty_lines: bool = False,
+                           prompt_name: str | None = None, prompt: str | None = None) -> str:
     """Read `paths`, embed every row, write Parquet files into `output_dir` (returned). `num_blocks`
-    repartitions the input first (more blocks: more parallelism and more, smaller files)."""
+    repartitions the input first (more blocks: more parallelism and more, smaller files); `prompt_name` /
+    `prompt` as in `Encoder.encode`."""
     ds = read_texts(paths, text_column=text_column, include_paths=include_paths,
                     drop_empty_lines=drop_empty_lines)
     if num_blocks is not None:
         ds = ds.repartition(num_blocks)
     ds = embed_dataset(ds, artifact, text_column=text_column, num_actors=num_actors, batch_rows=batch_rows,
                        threads_per_actor=threads_per_actor, cpus_per_actor=cpus_per_actor,
-                       batch_size=batch_size)
+                       batch_size=batch_size, prompt_name=prompt_name, prompt=prompt)
     out = str(Path(output_dir).resolve())
     ds.write_parquet(out)
     return out

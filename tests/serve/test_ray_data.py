@@ -91,3 +91,23 @@ def test_pool_that_takes_every_cpu_is_refused(local_ray, minilm_artifact, corpus
 def test_mixed_inputs_are_refused(local_ray, corpus) -> None:
     with pytest.raises(ValueError, match="all text files"):
         embed_files_to_parquet(corpus[1] + corpus[3], "unused", "/nonexistent")
+
+
+@pytest.mark.slow
+def test_prompt_reaches_every_actor(local_ray, corpus, minilm_artifact, tmp_path) -> None:
+    from stableembed import Encoder
+
+    texts, jsonl, _, _ = corpus
+    out = embed_files_to_parquet(jsonl, minilm_artifact, tmp_path / "prompted", num_blocks=3, num_actors=2,
+                                 batch_rows=50, prompt="query: ")
+    cols, vectors = _read(out)
+    ref = Encoder(minilm_artifact, check_hashes=False).encode(texts, prompt="query: ")
+    assert same_bits(vectors, ref[cols["id"]]).all()
+    plain = Encoder(minilm_artifact, check_hashes=False).encode([texts[i] for i in cols["id"][:5]])
+    assert not same_bits(vectors[:5], plain).any()  # the prompt changed the vectors
+
+
+def test_unknown_prompt_name_fails_before_ray_work(local_ray, corpus, minilm_artifact, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown prompt name 'nope'"):
+        embed_files_to_parquet(corpus[1], minilm_artifact, tmp_path / "never", num_actors=1, prompt_name="nope")
+    assert not (tmp_path / "never").exists()
