@@ -341,7 +341,9 @@ def markdown(res: dict) -> str:
                          f"{v['ratio']:.2f}× | **{v['verdict']}** |")
         lines += ["", "ratio: how many times better stableembed's median is (above 1×: better)."]
     lines += ["", "vs ST: above 1× is better than sentence-transformers torch (throughput engine/ST, times ST/engine). "
-              "Cold start: spawn to first embedding (interpreter, imports, load, one text). Peak RSS: the child's "
+              "Cold start: spawn to first embedding (interpreter, imports, load, one text), after one untimed "
+              "start of each engine (page cache warm for all; stableembed's weights already hash-stamped, as for "
+              "a restarted service: runtime/stamps.py). Peak RSS: the child's "
               "ru_maxrss after all workloads.", "", "| engine | what | versions |", "|---|---|---|"]
     for n, e in eng.items():
         what = ENGINES[n][1] + ("" if "summary" in e else f" — **not run: {e.get('error', 'no result')}**")
