@@ -103,12 +103,14 @@ def main() -> int:
     with threadpool_limits(limits=args.threads, user_api="blas"):
         limit = max(numpy_gflops(4096, 4096, 4096, 5) for _ in range(2))
         bandwidth = stream_gbps(max(5, args.repeats // 3))
-        rows = []
-        for m in (int(t) for t in args.tokens.split(",")):
-            for name, k, n, count in LAYER:
-                rows.append({"tokens": m, "layer": name, "k": k, "n": n, "per_layer": count,
-                             "ort_gflops": ort_matmul_gflops(m, k, n, args.threads, args.repeats),
-                             "numpy_gflops": numpy_gflops(m, k, n, args.repeats)})
+        rows = [{"tokens": m, "layer": name, "k": k, "n": n, "per_layer": count,
+                 "numpy_gflops": numpy_gflops(m, k, n, args.repeats)}
+                for m in (int(t) for t in args.tokens.split(",")) for name, k, n, count in LAYER]
+    # onnxruntime last, after a pause: OpenBLAS's worker threads spin for a while after each numpy call
+    # and would take a core from onnxruntime (interleaving the two measured some shapes at half speed).
+    time.sleep(2.0)
+    for r in rows:
+        r["ort_gflops"] = ort_matmul_gflops(r["tokens"], r["k"], r["n"], args.threads, args.repeats)
     mixes, layer_ms = {}, {}
     weight_bytes = 4 * sum(k * n * count for _, k, n, count in LAYER)  # one layer's linear weights, float32
     for m in sorted({r["tokens"] for r in rows}):
