@@ -34,6 +34,18 @@ H, I = 384, 1536  # all-MiniLM-L6-v2: hidden size and FFN width
 LAYER = (("query/key/value/output", H, H, 4), ("FFN up", H, I, 1), ("FFN down", I, H, 1))
 
 
+def median_seconds(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def ort_matmul_gflops(m: int, k: int, n: int, threads: int, repeats: int) -> float:
     import onnx
     import onnxruntime as ort
@@ -50,28 +62,15 @@ def ort_matmul_gflops(m: int, k: int, n: int, threads: int, repeats: int) -> flo
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
-    for _ in range(5):
-        sess.run(None, {"x": x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t0)
+    seconds = median_seconds(lambda: sess.run(None, {"x": x}), 5, repeats)
     del sess
-    return 2.0 * m * k * n / statistics.median(times) / 1e9
+    return 2.0 * m * k * n / seconds / 1e9
 
 
 def numpy_gflops(m: int, k: int, n: int, repeats: int) -> float:
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2.0 * m * k * n / statistics.median(times) / 1e9
+    return 2.0 * m * k * n / median_seconds(lambda: a @ b, 3, repeats) / 1e9
 
 
 def stream_gbps(repeats: int) -> float:
@@ -79,14 +78,7 @@ def stream_gbps(repeats: int) -> float:
     vector, GB/s of matrix bytes read, median of `repeats`."""
     rng = np.random.default_rng(0)
     a, v = rng.standard_normal((8192, 8192), dtype=np.float32), rng.standard_normal(8192, dtype=np.float32)
-    for _ in range(2):
-        a @ v
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ v
-        times.append(time.perf_counter() - t0)
-    return a.nbytes / statistics.median(times) / 1e9
+    return a.nbytes / median_seconds(lambda: a @ v, 2, repeats) / 1e9
 
 
 def main() -> int:

@@ -64,29 +64,21 @@ def _jsonl_done(path: Path) -> tuple[int, dict | None]:
     off. Reads the file in 1 MiB blocks (an output of millions of rows is never held in memory)."""
     if not path.exists():
         return 0, None
-    lines, end = 0, 0  # end: the byte after the last newline
-    with open(path, "rb") as f:
+    lines, first, end, pos = 0, 0, 0, 0  # [first, end): the last complete line, newline included
+    with open(path, "r+b") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             n = block.count(b"\n")
             if n:
+                nl = block.rfind(b"\n")
+                # it starts after this block's previous newline, or else where the line before it ended
+                first = pos + block.rfind(b"\n", 0, nl) + 1 if n > 1 else end
+                end = pos + nl + 1
                 lines += n
-                end = f.tell() - len(block) + block.rfind(b"\n") + 1
-        size = f.tell()
-    if end != size:
-        with open(path, "r+b") as f:
+            pos += len(block)
+        if end != pos:
             f.truncate(end)
-    if not lines:
-        return 0, None
-    with open(path, "rb") as f:  # the last complete line: scan back from its end
-        start, step = end - 1, 1 << 16
-        while True:
-            lo = max(0, start - step)
-            f.seek(lo)
-            k = f.read(start - lo).rfind(b"\n")
-            if k >= 0 or lo == 0:
-                first = lo + k + 1 if k >= 0 else 0
-                break
-            step *= 2
+        if not lines:
+            return 0, None
         f.seek(first)
         last = f.read(end - first)
     try:
