@@ -139,7 +139,10 @@ def with_manifest(src: Path, dst: Path, *, buckets=None, model=None, precision: 
     if model is not None:
         import onnx
 
+        from stableembed.export.cpu_graph import drop_cpu_graph
+
         onnx.save(model, str(dst / "model.onnx"))
+        drop_cpu_graph(dst, raw, "model.onnx replaced by benchmarks/gpu_check.py")  # the fused graph is fp32
     if precision is not None:
         raw["precision"] = precision
     write_manifest(dst, raw)

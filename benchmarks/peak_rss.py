@@ -70,13 +70,14 @@ def log(msg: str) -> None:
 
 def prepare(model_dir: Path) -> dict[str, Path]:
     """The exported artifact (re-exported when export/ or kernels/ change), and a copy rewritten as one
-    self-contained model.onnx (format version 1, as artifacts were written before external weights)."""
+    self-contained model.onnx (format version 1, as artifacts were written before external weights; its
+    fused CPU graph, when it has one, self-contained too)."""
     import onnx
 
     from run import ROOT, source_key
     from stableembed.export import export_model
     from stableembed.export.artifact import write_manifest
-    from stableembed.runtime.manifest import WEIGHTS
+    from stableembed.runtime.manifest import CPU_MODEL, CPU_WEIGHTS, MODEL, WEIGHTS
 
     ext, single, stamp = CACHE / "stableembed", CACHE / "stableembed-single", CACHE / "artifacts.key"
     key = source_key(model_dir / "model.safetensors", ROOT / "export", ROOT / "kernels", ROOT / "runtime")
@@ -86,11 +87,17 @@ def prepare(model_dir: Path) -> dict[str, Path]:
     export_model(model_dir, ext, overwrite=True)
     shutil.rmtree(single, ignore_errors=True)
     shutil.copytree(ext, single)
-    model = onnx.load(str(single / "model.onnx"))  # reads the weights into the protos, clears the external refs
-    (single / WEIGHTS).unlink()
-    onnx.save_model(model, str(single / "model.onnx"))
     raw = json.loads((single / "manifest.json").read_text(encoding="utf-8"))
+    # Each graph read whole (onnx.load reads the weights into the protos and clears the external refs), then
+    # saved as one file; the fused CPU graph too, so both copies run the same graph.
+    graphs = {name: onnx.load(str(single / name)) for name in (MODEL, CPU_MODEL) if (single / name).is_file()}
+    for name, model in graphs.items():
+        onnx.save_model(model, str(single / name))
+    for name in (WEIGHTS, CPU_WEIGHTS):
+        (single / name).unlink(missing_ok=True)
     del raw["weights"]
+    if CPU_MODEL in graphs:
+        raw["cpu_graph"]["weights"]["own"]["file"] = None
     raw["format_version"] = 1
     write_manifest(single, raw)
     stamp.write_text(key)

@@ -10,7 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from ..runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
+from ..runtime.manifest import CPU_MODEL, FORMAT, FORMAT_VERSION, MODEL, Manifest, load_manifest
+from .cpu_graph import fuse_transformer, store_and_check
 from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .families import FAMILIES, Family, family_for
 from .source import Source, config_value, read_source
@@ -68,6 +69,7 @@ def export_model(
     calibration_texts: Sequence[str] | None = None,
     quality_texts: Sequence[str] | None = None,
     trust_remote_code: bool = False,
+    cpu_graph: bool = True,
 ) -> Manifest:
     """Export the local model folder `source` to the artifact folder `out` and return its manifest.
 
@@ -79,7 +81,9 @@ def export_model(
     `quality_texts` (default: the odd lines, held out from calibration).
     `exporter` None takes the model family's own (see export/families.py); an architecture outside the
     supported families is refused. `trust_remote_code` lets a model run the modeling code it ships in
-    its folder (never code from elsewhere); off by default.
+    its folder (never code from elsewhere); off by default. `cpu_graph` adds model.cpu.onnx, the same model
+    with onnxruntime's fused operators, which the CPU provider then runs (export/cpu_graph.py: fp32 BERT-style
+    encoders, checked for batch invariance at export; the manifest's `cpu_graph` says why where none is written).
     """
     from .assemble import OUTPUT, POOLING_MASK, assemble
     from .trace import load_transformer, trace_transformer, uses_token_type_ids
@@ -106,12 +110,15 @@ def export_model(
         with tempfile.TemporaryDirectory() as work:
             traced = Path(work) / "transformer.onnx"
             opset = trace_transformer(model, traced, traced_inputs, opset, exporter)
-            dim = assemble(traced, src, tmp / "model.onnx")
+            dim = assemble(traced, src, tmp / MODEL)
+            cpu = _cpu_graph(traced, src, family, precision, tmp) if cpu_graph else \
+                {"file": None, "reason": "not requested (cpu_graph=False)"}
         _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
         cfg = src.config
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,  # 2: external weights (always), prompts, the pooling mask
+            # 2: external weights (always), prompts, the pooling mask; 3 with a CPU graph (set below)
+            "format_version": 2,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(src.path), "kind": src.kind, "weights_sha256": src.weight_hashes()},
             "architecture": {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
@@ -146,11 +153,30 @@ def export_model(
         # Last: everything above reads and rewrites a self-contained model.onnx; parity then measures
         # the artifact as shipped.
         manifest["weights"] = externalize_weights(tmp)
+        # After model.onnx's weights are final: the CPU graph points at model.onnx.data's tensors.
+        manifest["cpu_graph"] = store_and_check(tmp, manifest, cpu) if cpu["file"] else cpu
+        if manifest["cpu_graph"]["file"]:
+            manifest["format_version"] = FORMAT_VERSION
         write_manifest(tmp, manifest)
         if parity:
             manifest["parity"] = _measure_parity(tmp, src, trust_remote_code)
             write_manifest(tmp, manifest)
     return load_manifest(out)
+
+
+def _cpu_graph(traced: Path, src: Source, family: Family, precision: str, folder: Path) -> dict:
+    """Write folder/model.cpu.onnx (self-contained until `store_and_check`) and return its partial record."""
+    from .assemble import assemble
+
+    if precision != "fp32":
+        return {"file": None, "reason": f"{precision} artifacts run their own quantized graph"}
+    cfg = src.config
+    fused = traced.with_name("transformer.fused.onnx")
+    record = fuse_transformer(traced, fused, family.name, heads=int(config_value(cfg, "num_attention_heads")),
+                              hidden=src.hidden_size, layers=int(config_value(cfg, "num_hidden_layers")))
+    if record["file"]:
+        assemble(fused, src, folder / CPU_MODEL)
+    return record
 
 
 def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts: Sequence[str] | None,

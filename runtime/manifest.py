@@ -15,13 +15,18 @@ FORMAT = "stableembed-artifact"
 # 1: the graph and its weights in model.onnx. 2: the weights in model.onnx.data beside it (`weights`);
 # prompts, default_prompt_name, include_prompt (with its pooling_mask input). Version 1 artifacts still
 # load. Version 2 is refused by older readers, whose TensorRT-EP cache key hashed model.onnx alone, which
-# no longer covers the weights.
-FORMAT_VERSION = 2
+# no longer covers the weights. 3: a second graph for the CPU provider (`cpu_graph`, model.cpu.onnx), written
+# only with it: a version 2 reader would run model.onnx on CPU and get other bits than the manifest records.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 # The graph's weights, in onnx's external-data form (page-aligned, so onnxruntime maps them instead of
 # copying). Artifacts written before it existed keep their weights inside model.onnx and still load.
 WEIGHTS = "model.onnx.data"
+# The CPU provider's graph with onnxruntime's fused transformer operators (export/cpu_graph.py), when the
+# export wrote one; it reads model.onnx.data's tensors in place and keeps only new ones in its own file.
+CPU_MODEL = "model.cpu.onnx"
+CPU_WEIGHTS = "model.cpu.onnx.data"
 
 
 class ArtifactError(ValueError):
@@ -50,6 +55,7 @@ class Manifest:
     default_prompt_name: str | None = None  # applied when encode names no prompt (as sentence-transformers)
     include_prompt: bool = True  # False: the prompt's tokens are left out of pooling (graph input pooling_mask)
     weights_file: Path | None = None  # model.onnx's external weights (None: inside model.onnx, older artifacts)
+    cpu_model_file: Path | None = None  # the CPU provider's fused graph (None: it runs model_file too)
 
     @property
     def model_sha256(self) -> str:
@@ -107,7 +113,10 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
                             f"{FORMAT_VERSION} and older: upgrade stableembed to load it")
     files = raw.get("files", {})
     weights = (raw.get("weights") or {}).get("file")
-    for name in (MODEL, "tokenizer.json") + ((weights,) if weights else ()):
+    cpu = raw.get("cpu_graph") or {}
+    cpu_model = cpu.get("file")
+    cpu_weights = (cpu.get("weights") or {}).get("own", {}).get("file") if cpu_model else None
+    for name in (MODEL, "tokenizer.json") + tuple(n for n in (weights, cpu_model, cpu_weights) if n):
         if name not in files:
             raise ArtifactError(f"{mfile} lists no {name}")
     for name, meta in files.items():
@@ -137,6 +146,7 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
             raw=raw,
             **_prompt_fields(raw),
             weights_file=_inside(folder, weights) if weights else None,
+            cpu_model_file=_inside(folder, cpu_model) if cpu_model else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc

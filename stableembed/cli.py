@@ -27,9 +27,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_model(args.source, args.out, precision=args.precision, max_length=args.max_length,
                             opset=args.opset, exporter=args.exporter, overwrite=args.overwrite,
                             trust_remote_code=args.trust_remote_code,
-                            buckets=parse_buckets(args.buckets) if args.buckets else None, parity=not args.no_parity)
+                            buckets=parse_buckets(args.buckets) if args.buckets else None, parity=not args.no_parity,
+                            cpu_graph=not args.no_cpu_graph)
     print(f"wrote {manifest.folder} (dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, "
           f"normalize {manifest.normalize}, max_length {manifest.max_length})")
+    print(f"CPU graph: {_cpu_graph_line(manifest.raw)}")
     if "parity" in manifest.raw:
         p = manifest.raw["parity"]
         print(f"parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e} "
@@ -82,6 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("created", raw["created"]),
         ("libraries", ", ".join(f"{k} {v}" for k, v in raw["libraries"].items())),
         ("weights", _weights_line(raw)),
+        ("CPU graph", _cpu_graph_line(raw)),
     ]
     rows += _machine_rows(raw)
     if "parity" in raw:
@@ -102,6 +105,22 @@ def _weights_line(raw: dict) -> str:
         return "inside model.onnx"
     return (f"{w['file']} ({w['tensors']} tensors, {w['bytes']:,} bytes, offsets aligned to {w['alignment']} bytes: "
             "memory-mapped by onnxruntime's CPU provider)")
+
+
+def _cpu_graph_line(raw: dict) -> str:
+    """What the CPU provider runs: the fused model.cpu.onnx (export/cpu_graph.py) or model.onnx, and why."""
+    c = raw.get("cpu_graph")
+    if c is None:
+        return "model.onnx (exported before fused CPU graphs)"
+    if not c.get("file"):
+        return f"model.onnx ({c.get('reason', 'no fused graph')})"
+    ops = ", ".join(f"{n} {op}" for op, n in c["operators"].items())
+    own = c["weights"]["own"]
+    check = c.get("check", {})
+    return (f"{c['file']}, fused: {ops}; shares {c['weights']['shared']['tensors']} tensors with "
+            f"{c['weights']['shared']['file']}, {own['bytes']:,} bytes of its own; at export "
+            f"{check.get('alone_vs_batched_bit_identical')}/{check.get('texts')} sample texts bit-identical alone and "
+            f"batched, max |diff| to model.onnx {check.get('max_abs_diff_to_model_onnx', float('nan')):.2e}")
 
 
 def _machine_rows(raw: dict) -> list[tuple[str, str]]:
@@ -253,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run modeling code shipped inside the model folder (never code from elsewhere)")
     e.add_argument("--buckets", default=None, help="fixed shapes, e.g. 1x16,8x16,32x128 (batch x length)")
     e.add_argument("--no-parity", action="store_true", help="skip the sentence-transformers comparison")
+    e.add_argument("--no-cpu-graph", action="store_true",
+                   help="no fused CPU graph (model.cpu.onnx): the CPU provider runs model.onnx as the GPU ones do")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
 

@@ -1,10 +1,13 @@
-"""onnxruntime CPU backend: one InferenceSession serves every shape (dynamic and all fixed buckets).
+"""onnxruntime CPU backend: one InferenceSession serves every shape (dynamic and all fixed buckets). It runs
+the artifact's fused CPU graph (model.cpu.onnx) when there is one, model.onnx otherwise.
 
 The GPU execution providers live in ort_gpu.py, which builds on `session_options` here (one way: this
 module imports no other backend).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -15,10 +18,11 @@ CPU_EP = "CPUExecutionProvider"
 
 
 class OrtBackend:
-    def __init__(self, session: ort.InferenceSession, output: str, provider: str):
+    def __init__(self, session: ort.InferenceSession, output: str, provider: str, model_file: Path):
         self.session = session
         self.output = output
         self.name = f"onnxruntime-{provider}"
+        self.model_file = model_file  # the graph the session runs
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output], feeds)[0]
@@ -55,5 +59,7 @@ def load(manifest: Manifest, provider: str, threads: int | None) -> OrtBackend:
     # settings levelled off, patterns on 13.5 MiB lower (README, Serving): we pay that fixed cost for no
     # growth with the number of shapes. Results are the same bits either way.
     so.enable_mem_pattern = False
-    session = ort.InferenceSession(str(manifest.model_file), so, providers=[CPU_EP])
-    return OrtBackend(session, manifest.output, provider)
+    # The fused graph where the export wrote one (export/cpu_graph.py): same model, fewer nodes, its own bits.
+    model = manifest.cpu_model_file or manifest.model_file
+    session = ort.InferenceSession(str(model), so, providers=[CPU_EP])
+    return OrtBackend(session, manifest.output, provider, model)

@@ -32,7 +32,7 @@ def test_manifest_values(minilm_artifact) -> None:
     raw = m.raw
     assert raw["source"]["weights_sha256"] == {
         "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}
-    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "model.cpu.onnx", "model.cpu.onnx.data", "tokenizer.json"}
     assert {"torch", "onnxruntime", "transformers"} <= set(raw["libraries"])
 
 

@@ -60,10 +60,12 @@ def test_manifest_reads_prompts_and_include_prompt() -> None:
         art = prompted_model(name)[1]
         m = load_manifest(art)
         assert m.prompts == PROMPTS and m.default_prompt_name == default and m.include_prompt is include
-        assert m.raw["format_version"] == FORMAT_VERSION == 2
-        graph_inputs = [i.name for i in onnx.load(str(art / "model.onnx")).graph.input]
+        # a tiny BERT: the CPU provider runs the fused graph (format 3), with the same inputs as model.onnx
+        assert m.raw["format_version"] == FORMAT_VERSION == 3 and m.cpu_model_file is not None
         expected = ["input_ids", "attention_mask", "token_type_ids"] + ([] if include else ["pooling_mask"])
-        assert list(m.inputs) == graph_inputs == expected  # no extra input unless the prompt is excluded
+        for graph in (m.model_file, m.cpu_model_file):
+            graph_inputs = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
+            assert list(m.inputs) == graph_inputs == expected  # no extra input unless the prompt is excluded
         assert Encoder(art).prompts == PROMPTS
     parity = load_manifest(prompted_model("default")[1]).raw["parity"]  # export applied the default prompt
     assert parity["min_cosine"] >= MIN_COSINE and parity["max_abs_diff"] <= MAX_ABS_DIFF, parity

@@ -13,7 +13,7 @@ import pytest
 from stableembed import Encoder
 from stableembed.runtime import manifest as manifest_mod
 from stableembed.runtime import stamps
-from stableembed.runtime.manifest import ArtifactError, load_manifest
+from stableembed.runtime.manifest import CPU_MODEL, CPU_WEIGHTS, MODEL, ArtifactError, load_manifest
 
 WEIGHTS = "model.onnx.data"
 
@@ -44,14 +44,15 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_second_load_skips_only_the_stamped_weights(art: Path, hashed: list[str]) -> None:
     assert (art / WEIGHTS).stat().st_size >= stamps.STAMP_MIN_BYTES > (art / "tokenizer.json").stat().st_size
+    assert (art / CPU_WEIGHTS).stat().st_size >= stamps.STAMP_MIN_BYTES > (art / CPU_MODEL).stat().st_size
     load_manifest(art)
-    assert sorted(hashed) == sorted(["model.onnx", "tokenizer.json", WEIGHTS])
+    assert sorted(hashed) == sorted([MODEL, CPU_MODEL, "tokenizer.json", WEIGHTS, CPU_WEIGHTS])
     hashed.clear()
     load_manifest(art)
-    assert sorted(hashed) == ["model.onnx", "tokenizer.json"]  # small files: always re-read
+    assert sorted(hashed) == sorted([MODEL, CPU_MODEL, "tokenizer.json"])  # small files: always re-read
     hashed.clear()
     load_manifest(art, rehash=True)
-    assert WEIGHTS in hashed
+    assert WEIGHTS in hashed and CPU_WEIGHTS in hashed
 
 
 @pytest.mark.parametrize("change", ["same-size byte flip", "touch", "replaced by a copy"])
@@ -82,9 +83,11 @@ def test_a_changed_file_is_read_again(art: Path, hashed: list[str], change: str)
 
 def test_stamp_for_another_digest_or_path_is_not_trusted(art: Path, hashed: list[str]) -> None:
     load_manifest(art)
-    (stamp,) = (Path(os.environ["STABLEEMBED_CACHE"]) / "verified").glob("*.json")
+    stamped = {json.loads(p.read_text())["path"]: p
+               for p in (Path(os.environ["STABLEEMBED_CACHE"]) / "verified").glob("*.json")}
+    assert set(stamped) == {str((art / WEIGHTS).resolve()), str((art / CPU_WEIGHTS).resolve())}
+    stamp = stamped[str((art / WEIGHTS).resolve())]
     record = json.loads(stamp.read_text())
-    assert record["path"] == str((art / WEIGHTS).resolve())
     for key, value in (("sha256", "0" * 64), ("path", "/elsewhere/model.onnx.data")):
         stamp.write_text(json.dumps({**record, key: value}))
         hashed.clear()
