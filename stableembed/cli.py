@@ -226,8 +226,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     best = int(np.argmax(sims)) + 1
     print("stableembed demo: all-MiniLM-L6-v2")
     model_bytes = sum(f["bytes"] for name, f in manifest.raw["files"].items() if name.startswith("model.onnx"))
+    cpu_bytes = sum(f["bytes"] for name, f in manifest.raw["files"].items() if name.startswith("model.cpu.onnx"))
     print(f"  exported to {out} in {t_export:.1f} s (model.onnx + weights {model_bytes:,} bytes, "
           f"dim {manifest.dim}, pooling {'+'.join(manifest.pooling)}, normalized {manifest.normalize})")
+    if manifest.cpu_model_file is not None:
+        print(f"  CPU provider runs the fused graph model.cpu.onnx (+{cpu_bytes:,} bytes, the rest shared)")
     print(f"  embedded {len(texts)} sample texts in {t_embed * 1000:.0f} ms -> array {emb.shape} {emb.dtype}")
     print(f"  parity vs {p['reference']}: min cosine {p['min_cosine']:.8f}, max |diff| {p['max_abs_diff']:.2e}")
     print(f"  stability: {min(report.results.values())}/{report.texts} texts bit-identical in each of "
