@@ -29,8 +29,9 @@ from machine import announce, machine, save
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "rss"
-ENGINES = {"stableembed": "stableembed, weights as page-aligned external data (model.onnx + model.onnx.data)",
-           "stableembed-single": "stableembed, the same graph and weights in one model.onnx (format 1)",
+ENGINES = {"stableembed": "stableembed, weights as page-aligned external data (model.onnx + model.onnx.data; "
+                          "the CPU runs model.cpu.onnx, which reads model.onnx.data's tensors in place)",
+           "stableembed-single": "stableembed, the same graphs and weights in self-contained files (format 1)",
            "st-torch": "sentence-transformers, torch fp32"}
 
 CHILD = r"""
@@ -165,7 +166,7 @@ def main() -> int:
     same = int((emb["stableembed"].view(np.uint32) == emb["stableembed-single"].view(np.uint32)).all(axis=1).sum())
     bits = {"texts": len(bits_texts), "bit_identical": same}
 
-    sizes_mb = {e: {f: round(p.stat().st_size / 2**20, 2) for f in ("model.onnx", "model.onnx.data")
+    sizes_mb = {e: {f: round(p.stat().st_size / 2**20, 2) for f in ("model.onnx", "model.onnx.data", "model.cpu.onnx", "model.cpu.onnx.data")
                     if (p := arts[e] / f).exists()} for e in arts}
     lines = [f"Peak RSS (MB, VmHWM) of a fresh process: import, load all-MiniLM-L6-v2, embed N short texts "
              f"(batch 32, {args.threads} threads). Medians of {args.repeats} repeats, order rotated.", "",
