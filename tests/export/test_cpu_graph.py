@@ -19,7 +19,7 @@ from stableembed.export import cpu_graph
 from stableembed.runtime.manifest import CPU_MODEL, CPU_WEIGHTS, FORMAT_VERSION, MODEL, WEIGHTS, ArtifactError, load_manifest
 from stableembed.runtime.verify import same_bits
 
-from tiny_models import Case
+from tiny_models import ARCHS, Case
 
 BERT = Case(id="cpu-graph", arch="bert", pooling=("mean",), normalize=True)
 
@@ -124,10 +124,36 @@ def test_a_failed_check_leaves_the_graph_out(tiny_zoo, tmp_path: Path, monkeypat
     assert Encoder(out).backend.model_file == out / MODEL
 
 
-def test_other_families_say_why(tiny_zoo) -> None:
-    art, _ = tiny_zoo.artifact(Case(id="modernbert-mean-normalize", arch="modernbert", normalize=True))
-    c = load_manifest(art).raw["cpu_graph"]
-    assert c == {"file": None, "reason": "no fused operators for the ModernBERT family"}
+def _family_artifact(tiny_zoo, arch: str) -> Path:
+    """The family's tiny model with its published head: the artifact test_architectures.py checks for
+    parity and bit stability (same case, so the session's zoo exports it once)."""
+    a = ARCHS[arch]
+    case = Case(f"{arch}-{'+'.join(a.pooling)}{'-dense' if a.dense else ''}-normalize", arch=arch,
+                pooling=a.pooling, dense=a.dense, normalize=True)
+    return tiny_zoo.artifact(case)[0]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "electra", "distilbert"])
+def test_bert_style_families_are_fused(arch: str, tiny_zoo) -> None:
+    art = _family_artifact(tiny_zoo, arch)
+    m = load_manifest(art)
+    c = m.raw["cpu_graph"]
+    assert m.cpu_model_file == art / CPU_MODEL, c
+    layers = m.raw["architecture"]["layers"]
+    assert (c["operators"]["Attention"], c["operators"]["SkipLayerNormalization"], c["operators"]["BiasGelu"]) == \
+        (layers, 2 * layers, layers)
+    # RoBERTa's embeddings (position ids counted from the padding id) keep a plain LayerNormalization
+    assert c["operators"]["EmbedLayerNormalization"] == (0 if arch in ("roberta", "xlm-roberta") else 1)
+    assert c["check"]["alone_vs_batched_bit_identical"] == c["check"]["texts"]
+    assert Encoder(art, check_hashes=False).backend.model_file == art / CPU_MODEL
+
+
+@pytest.mark.parametrize("arch,family", [("mpnet", "MPNet"), ("modernbert", "ModernBERT"), ("qwen3", "Qwen3")])
+def test_other_families_say_why(arch: str, family: str, tiny_zoo) -> None:
+    art = _family_artifact(tiny_zoo, arch)
+    c = load_manifest(art, check_hashes=False).raw["cpu_graph"]
+    assert c == {"file": None, "reason": f"no fused operators for the {family} family"}
+    assert Encoder(art, check_hashes=False).backend.model_file == art / MODEL
 
 
 def test_tiny_bert_is_fused_and_bit_stable(tiny_zoo, real_texts: list[str]) -> None:
