@@ -10,7 +10,8 @@ unchanged inode, which `stableembed verify` (always a full re-read) does.
 A file changed less than STAMP_MARGIN_S before its check began is not stamped: on a file system with
 coarse timestamps, a write right after the check could keep the ctime (git's "racy" case). Stamps live in
 `$STABLEEMBED_CACHE/verified/` (default `~/.cache/stableembed`), one small JSON file per artifact file,
-named by its path. The cache only ever saves work: a stamp that cannot be read or written means the file is
+named by its path; stamps of files that no longer exist are removed whenever a new stamp is written. The
+cache only ever saves work: a stamp that cannot be read or written means the file is
 hashed, as without a cache.
 """
 
@@ -73,3 +74,25 @@ def hash_checked(path: Path, sha256: str, before: os.stat_result, started: float
         os.replace(tmp, target)  # atomic: a concurrent reader sees the old stamp or the new one
     except OSError:
         Path(tmp).unlink(missing_ok=True)
+        return
+    prune(target.parent)
+
+
+def prune(folder: Path) -> int:
+    """Remove the stamps in `folder` whose file no longer exists (a deleted or moved artifact); returns how
+    many. Runs after each new stamp, so the cache holds about one stamp per large artifact file on disk.
+    Safe beside concurrent loads: a stamp is removed only when its path is gone, and a missing stamp only
+    costs a hash."""
+    removed = 0
+    for stamp in folder.glob("*.json"):
+        try:
+            gone = not Path(json.loads(stamp.read_text(encoding="utf-8"))["path"]).exists()
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True  # unreadable: it would never be trusted anyway
+        if gone:
+            try:
+                stamp.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed

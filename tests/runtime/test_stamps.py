@@ -127,3 +127,23 @@ def test_verify_cli_rereads_every_file(art: Path, hashed: list[str], capsys) -> 
     assert main(["verify", str(art), "one text", "another"]) == 0
     assert WEIGHTS in hashed
     assert "all re-read" in capsys.readouterr().out
+
+
+def test_stamps_of_deleted_artifacts_are_pruned(art: Path, tmp_path: Path) -> None:
+    """A new stamp clears those whose file is gone (a deleted artifact), keeps the others, and drops
+    unreadable ones; the cache does not grow with every artifact ever loaded."""
+    verified = Path(os.environ["STABLEEMBED_CACHE"]) / "verified"
+    load_manifest(art)
+    first = {p.name for p in verified.glob("*.json")}
+    assert len(first) == 2  # model.onnx.data and model.cpu.onnx.data
+    (verified / "broken.json").write_text("{not json")
+    second = tmp_path / "second"
+    shutil.copytree(art, second)
+    shutil.rmtree(art)
+    load_manifest(second)  # stamps its own two files, then prunes
+    left = {json.loads(p.read_text())["path"] for p in verified.glob("*.json")}
+    assert left == {str((second / WEIGHTS).resolve()), str((second / CPU_WEIGHTS).resolve())}
+    third = tmp_path / "third"
+    shutil.copytree(second, third)
+    load_manifest(third)
+    assert len(list(verified.glob("*.json"))) == 4  # files that still exist keep their stamps
