@@ -165,3 +165,27 @@ def test_tiny_bert_is_fused_and_bit_stable(tiny_zoo, real_texts: list[str]) -> N
     alone = np.stack([enc.encode(t) for t in real_texts[:40]])
     batched = enc.encode(real_texts[:40][::-1], batch_size=16)[::-1]
     assert same_bits(alone, batched).all()
+
+
+def test_a_batch_dependent_graph_is_refused(tiny_zoo, tmp_path: Path) -> None:
+    """The export's check on a CPU graph whose rows depend on their batch (each output plus a millionth of
+    the batch's sum): refused as not batch-invariant, its files removed."""
+    from onnx import helper
+
+    out = tmp_path / "art"
+    export_model(tiny_zoo.source(BERT), out, parity=False, cpu_graph=False)
+    model = onnx.load(str(out / MODEL))  # weights read in: saved below as one self-contained graph
+    g = model.graph
+    final = next(n for n in g.node if n.output[0] == "sentence_embedding")
+    final.output[0] = "rows"
+    g.initializer.append(onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), "batch_axis"))
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "tiny"))
+    g.node.extend([helper.make_node("ReduceSum", ["rows", "batch_axis"], ["batch_sum"], keepdims=1),
+                   helper.make_node("Mul", ["batch_sum", "tiny"], ["leak"]),
+                   helper.make_node("Add", ["rows", "leak"], ["sentence_embedding"])])
+    onnx.save(model, str(out / CPU_MODEL))
+    raw = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    record = cpu_graph.store_and_check(out, raw, {"file": CPU_MODEL, "operators": {}})
+    assert record["file"] is None and record["reason"].startswith("fused graph not batch-invariant"), record
+    assert record["check"]["alone_vs_batched_bit_identical"] < record["check"]["texts"]
+    assert not (out / CPU_MODEL).exists() and not (out / CPU_WEIGHTS).exists()
