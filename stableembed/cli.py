@@ -151,7 +151,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .runtime.machine import cpu_info, describe
 
     here = cpu_info()
-    print(f"bits computed here with: provider {args.provider}, onnxruntime {onnxruntime.__version__}, "
+    # the CPU provider runs the fused graph where the artifact has one (its bits are that graph's)
+    graph = f" ({(manifest.cpu_model_file or manifest.model_file).name})" if args.provider == "cpu" else ""
+    print(f"bits computed here with: provider {args.provider}{graph}, onnxruntime {onnxruntime.__version__}, "
           f"{describe(here)} [{here['key']}]")
     if "exported_on" in manifest.raw:
         print(f"exported (parity, sample bits) on: {describe(manifest.raw['exported_on'])} "

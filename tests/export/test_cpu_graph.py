@@ -66,11 +66,16 @@ def test_no_weight_is_stored_twice(minilm_artifact: Path) -> None:
     assert {hashlib.sha256(b).digest() for b in reads[WEIGHTS]} <= standard
 
 
-def test_cpu_provider_runs_the_fused_graph(minilm_artifact: Path, tmp_path: Path, real_texts: list[str]) -> None:
-    """The CPU backend loads model.cpu.onnx; an artifact exported without it runs model.onnx, and the two agree
-    within the export's tolerance (bit-identity is promised per graph, not across them)."""
+def test_cpu_provider_runs_the_fused_graph(minilm_artifact: Path, tmp_path: Path, real_texts: list[str],
+                                          capsys: pytest.CaptureFixture) -> None:
+    """The CPU backend loads model.cpu.onnx (and `verify` names it); an artifact exported without it runs
+    model.onnx, and the two agree within the export's tolerance (bit-identity is promised per graph)."""
+    from stableembed.cli import main
+
     enc = Encoder(minilm_artifact)
     assert enc.backend.model_file == minilm_artifact / CPU_MODEL
+    assert main(["verify", str(minilm_artifact), "one text", "another one", "--no-subprocess"]) == 0
+    assert f"provider cpu ({CPU_MODEL})" in capsys.readouterr().out
     copy = tmp_path / "standard"
     shutil.copytree(minilm_artifact, copy)
     raw = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
