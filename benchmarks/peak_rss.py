@@ -166,8 +166,9 @@ def main() -> int:
     same = int((emb["stableembed"].view(np.uint32) == emb["stableembed-single"].view(np.uint32)).all(axis=1).sum())
     bits = {"texts": len(bits_texts), "bit_identical": same}
 
-    sizes_mb = {e: {f: round(p.stat().st_size / 2**20, 2) for f in ("model.onnx", "model.onnx.data", "model.cpu.onnx", "model.cpu.onnx.data")
-                    if (p := arts[e] / f).exists()} for e in arts}
+    graph_files = ("model.onnx", "model.onnx.data", "model.cpu.onnx", "model.cpu.onnx.data")
+    sizes_mb = {e: {f: round(p.stat().st_size / 2**20, 2) for f in graph_files if (p := arts[e] / f).exists()}
+                for e in arts}
     lines = [f"Peak RSS (MB, VmHWM) of a fresh process: import, load all-MiniLM-L6-v2, embed N short texts "
              f"(batch 32, {args.threads} threads). Medians of {args.repeats} repeats, order rotated.", "",
              "| texts | engine | after import | after load | peak during load | after embed | peak | range | "

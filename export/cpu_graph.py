@@ -28,7 +28,7 @@ import numpy as np
 
 from .._extras import require
 from ..runtime.manifest import CPU_MODEL, CPU_WEIGHTS, MODEL, WEIGHTS
-from .artifact import ALIGNMENT, EXTERNAL_MIN_BYTES
+from .artifact import ALIGNMENT, EXTERNAL_MIN_BYTES, write_manifest
 
 # Families whose encoder layers the optimizer's "bert" fusions recognise (post-LayerNorm BERT blocks; each
 # measured on a tiny model). Others are not tried: MPNet's relative position bias leaves its attention
@@ -136,27 +136,20 @@ def _check(folder: Path, manifest: dict, record: dict) -> str | None:
     """None if the fused graph gives each sample text the same bits alone and in a padded batch, and
     stays within FUSED_TOLERANCE of model.onnx; otherwise what failed. Records the figures in `record`."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     from ..data import sample_texts
     from ..runtime.backends.onnxruntime import CPU_EP, session_options
+    from ..runtime.manifest import load_manifest
+    from ..runtime.schedule import Batch
+    from ..runtime.tokenize import TextTokenizer
 
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(int(manifest["max_length"]))
-    texts = sample_texts()
-    encs = tok.encode_batch([t.lower() for t in texts] if manifest.get("lowercase") else texts)
-    length = max(len(e.ids) for e in encs)
-    names = manifest["inputs"]
-    feeds = {n: np.zeros((len(encs), length), dtype=np.int64) for n in names}
-    feeds["input_ids"][:] = int(manifest.get("pad_id", 0))
-    for row, e in enumerate(encs):
-        feeds["input_ids"][row, :len(e.ids)] = e.ids
-        for n in ("attention_mask", "pooling_mask"):
-            if n in feeds:
-                feeds[n][row, :len(e.ids)] = 1
-        if "token_type_ids" in feeds:
-            feeds["token_type_ids"][row, :len(e.ids)] = e.type_ids
+    # The runtime's own tokenization and feeds (lowercasing, truncation, masks, token types), so the check
+    # runs exactly what an Encoder would; the manifest is written first so the runtime can read it.
+    write_manifest(folder, manifest)
+    tok = TextTokenizer(load_manifest(folder, check_hashes=False))
+    encs = tok.encode(sample_texts())
+    rows = len(encs)
+    feeds = tok.feeds(encs, Batch(tuple(range(rows)), max(len(e.ids) for e in encs), rows))
     out = manifest["output"]
 
     def session(name: str):
@@ -165,15 +158,15 @@ def _check(folder: Path, manifest: dict, record: dict) -> str | None:
     standard = session(MODEL).run([out], feeds)[0]
     fused_session = session(CPU_MODEL)
     batched = fused_session.run([out], feeds)[0]
-    alone = np.stack([fused_session.run([out], {n: v[row:row + 1, :max(len(encs[row].ids), 1)]
-                                                 for n, v in feeds.items()})[0][0] for row in range(len(encs))])
+    alone = np.stack([fused_session.run([out], tok.feeds(encs, Batch((row,), len(encs[row].ids), 1)))[0][0]
+                      for row in range(rows)])
     identical = int((batched.view(np.uint32) == alone.view(np.uint32)).all(axis=1).sum())
     atol, rtol = FUSED_TOLERANCE
     diff = float(np.abs(batched - standard).max())
-    record["check"] = {"texts": len(encs), "alone_vs_batched_bit_identical": identical,
+    record["check"] = {"texts": rows, "alone_vs_batched_bit_identical": identical,
                        "max_abs_diff_to_model_onnx": diff, "tolerance": {"atol": atol, "rtol": rtol}}
-    if identical != len(encs):
-        return f"fused graph not batch-invariant: {len(encs) - identical} of {len(encs)} sample texts differ"
+    if identical != rows:
+        return f"fused graph not batch-invariant: {rows - identical} of {rows} sample texts differ"
     if not np.allclose(batched, standard, atol=atol, rtol=rtol):
         return f"fused graph differs from model.onnx by up to {diff:.3g} (tolerance atol {atol}, rtol {rtol})"
     return None
