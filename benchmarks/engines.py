@@ -126,10 +126,13 @@ def load_fastembed(spec):
             _versions("fastembed", "onnxruntime", "tokenizers"))
 
 
-def load_stableembed(spec, artifact="artifact"):
+def load_stableembed(spec, artifact="artifact", parallel=False):
     from stableembed import Encoder
 
-    enc = Encoder(spec[artifact], mode="dynamic", threads=spec["threads"])
+    if parallel:  # the throughput setting: as many runs at once as threads, one intra-op thread each
+        enc = Encoder(spec[artifact], mode="dynamic", threads=1, parallel_runs=spec["threads"])
+    else:
+        enc = Encoder(spec[artifact], mode="dynamic", threads=spec["threads"])
     bs = spec["batch_size"]
     return (lambda texts: enc.encode(texts, batch_size=bs),
             _versions("stableembed", "onnxruntime", "tokenizers", "numpy"))
@@ -137,7 +140,8 @@ def load_stableembed(spec, artifact="artifact"):
 
 LOADERS = {"st-torch": load_st_torch, "st-onnx": load_st_onnx, "ort-numpy": load_ort_numpy,
            "fastembed": load_fastembed, "stableembed": load_stableembed,
-           "stableembed-int8": lambda spec: load_stableembed(spec, "artifact_int8")}
+           "stableembed-int8": lambda spec: load_stableembed(spec, "artifact_int8"),
+           "stableembed-parallel": lambda spec: load_stableembed(spec, parallel=True)}
 
 
 # ---- commands ---------------------------------------------------------------------------------------------

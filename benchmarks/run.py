@@ -39,6 +39,8 @@ ENGINES = {  # name -> (venv: None = this interpreter, description)
     "fastembed": ("fastembed", "fastembed TextEmbedding, custom model from the local export folder"),
     "stableembed": (None, "stableembed.Encoder, dynamic mode (artifact from stableembed.export_model)"),
     "stableembed-int8": (None, "the same with the int8 artifact (export_model(..., precision=\"int8\"))"),
+    "stableembed-parallel": (None, "stableembed fp32 with parallel_runs = threads, one intra-op thread a run "
+                                   "(the throughput setting; the verdict uses the default setting)"),
 }
 ONNX_USERS = ("st-onnx", "ort-numpy", "fastembed")
 # optimum-onnx caps transformers below 4.58 while the project runs transformers 5, hence separate venvs;
@@ -413,12 +415,14 @@ def main() -> int:
                 engines[n].setdefault("error", f"optimum export: {exc}")
     for name, kind, field in (("stableembed", "stableembed", "artifact"),
                               ("stableembed-int8", "stableembed-int8", "artifact_int8")):
-        if name in names:
+        users = [n for n in names if n == name or (field == "artifact" and n == "stableembed-parallel")]
+        if users:
             try:
                 key = weights + source_key(ROOT / "export", ROOT / "kernels")
                 spec[field] = str(ensure_export(kind, exe, model_dir, key, env, cpus))
             except Exception as exc:  # noqa: BLE001
-                engines[name]["error"] = f"{name} export: {exc}"
+                for n in users:
+                    engines[n]["error"] = f"{name} export: {exc}"
 
     texts = load_texts(cfg)
     (CACHE / "texts.json").write_text(json.dumps(texts))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, overload
@@ -53,7 +55,7 @@ class Encoder:
         path: the artifact folder written by `stableembed export`.
         mode: "dynamic" pads each batch to its own longest text; "fixed" runs only the manifest's static
             (batch, length) buckets, as TensorRT engines and CUDA graphs need.
-        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+        threads: intra-op threads of each model run (None: onnxruntime's default, one per physical core).
         provider: "cpu", "cuda" or "tensorrt"; a provider that is not installed raises.
         check_hashes: verify every artifact file's sha256 on load (a large file whose earlier check left a
             stamp and that has not changed since is not re-read: runtime/stamps.py).
@@ -61,15 +63,28 @@ class Encoder:
             False raises ValueError for a longer text instead.
         max_batch_tokens: in dynamic mode, a batch (one model run) also closes when its padded size
             would pass this many tokens (long texts run in smaller batches, which is faster on CPU).
+        parallel_runs: CPU only: model runs (batches) in flight at once, each on its own `threads`
+            intra-op threads (None: the CPUs this process may use, divided among the runs). A throughput
+            setting for large requests (corpora): batches need no intra-op hand-offs, but a lone text
+            gets only its run's threads, and a request of a few batches waits for its slowest one
+            (README, Performance). The results are the same bits.
     """
 
     def __init__(self, path: str | Path, mode: str = "dynamic", threads: int | None = None,
                  provider: str = "cpu", check_hashes: bool = True, truncate: bool = True,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, parallel_runs: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if parallel_runs < 1:
+            raise ValueError(f"parallel_runs must be >= 1, got {parallel_runs}")
+        if parallel_runs > 1 and provider != "cpu":
+            # One TensorRT execution context must not run two batches at once, and a GPU already runs
+            # a batch across the device: parallel runs are a CPU setting.
+            raise ValueError(f"parallel_runs > 1 is for provider 'cpu' only, not {provider!r}")
+        if parallel_runs > 1 and threads is None:
+            threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
         self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)
         if mode == "fixed" and max(t for _, t in self.manifest.fixed_buckets) < self.manifest.max_length:
             raise ValueError("the manifest's fixed buckets do not reach its max_length")
@@ -77,11 +92,15 @@ class Encoder:
         self.provider = provider
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
+        self.parallel_runs = parallel_runs
         self.tokenizer = TextTokenizer(self.manifest, truncate=truncate)
         self.backend: Backend = load_backend(self.manifest, provider, threads)
         self._pending: deque[_Request] = deque()
         self._pending_lock = threading.Lock()
         self._run_lock = threading.Lock()
+        # onnxruntime sessions take concurrent `run` calls; the pool's threads start on first use.
+        self._pool = (ThreadPoolExecutor(parallel_runs, thread_name_prefix="stableembed-run")
+                      if parallel_runs > 1 else None)
 
     def warm_up(self, batch_size: int = 32) -> Batch | None:
         """Run the largest batch `encode(..., batch_size)` can schedule, once, and return its shape.
@@ -91,7 +110,8 @@ class Encoder:
         dynamic mode the largest run is max_length tokens long with as many rows as the token budget
         allows; in fixed mode, the bucket with the most rows × length². Nothing is done (None) when even
         one max_length row is over the token budget (long-context models: one such run is seconds and
-        gigabytes, and their CPU sessions keep no arena). Results are not affected: no run changes another's."""
+        gigabytes, and their CPU sessions keep no arena). With `parallel_runs`, that many such runs at once.
+        Results are not affected: no run changes another's."""
         if self.mode == "fixed":
             rows, length = max(self.manifest.fixed_buckets, key=lambda b: b[0] * b[1] * b[1])
         else:
@@ -106,7 +126,11 @@ class Encoder:
         batch = Batch(indices=tuple(range(rows)), length=length, rows=rows)
         feeds = self.tokenizer.feeds([_Row(r.tolist(), [0] * length) for r in ids], batch)
         with self._run_lock:
-            self.backend.run(feeds)
+            if self._pool is None:
+                self.backend.run(feeds)
+            else:  # as many at once as encode runs: each run holds its own activations in the arena
+                for f in [self._pool.submit(self.backend.run, feeds) for _ in range(self.parallel_runs)]:
+                    f.result()
         return batch
 
     @property
@@ -237,15 +261,28 @@ class Encoder:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(encodings), unit="text", desc="embedding")
+        futures: list[Future] = []
         try:
-            for batch in self.plan([len(e.ids) for e in encodings], min(r.batch_size for r in requests)):
-                result = self.backend.run(self.tokenizer.feeds(encodings, batch, prompt_lengths))
+            plan = self.plan([len(e.ids) for e in encodings], min(r.batch_size for r in requests))
+            if self._pool is not None and len(plan) > 1:
+                # All submitted at once; the pool keeps parallel_runs in flight. Each batch builds its own
+                # feeds in its worker; results are taken in plan order, so a failure surfaces here.
+                futures = [self._pool.submit(self._run_batch, encodings, b, prompt_lengths) for b in plan]
+                results = (f.result() for f in futures)
+            else:
+                results = (self._run_batch(encodings, b, prompt_lengths) for b in plan)
+            for batch, result in zip(plan, results):
                 for row, idx in enumerate(batch.indices):
                     req, i = owners[idx]
                     req.out[i] = result[row]
                 if bar is not None:
                     bar.update(len(batch.indices))
         except BaseException as exc:  # the backend failed: every request in this round gets the error
+            for f in futures:  # batches not started yet are dropped; running ones finish unread
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    f.exception()  # wait: no run of this round outlives it
             for r in requests:
                 r.error = exc
         finally:
@@ -253,3 +290,6 @@ class Encoder:
                 bar.close()
             for r in requests:
                 r.done.set()
+
+    def _run_batch(self, encodings: list[Encoding], batch: Batch, prompt_lengths: list[int]) -> np.ndarray:
+        return self.backend.run(self.tokenizer.feeds(encodings, batch, prompt_lengths))

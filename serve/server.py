@@ -120,7 +120,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", action="append", default=None, dest="model_names",
                    help="name clients pass as `model` (repeatable; default: the artifact folder's name)")
-    add_encoder_options(s)  # --provider, --mode, --threads, --truncate, --max-batch-tokens: as `embed`
+    add_encoder_options(s)  # --provider, --mode, --threads, --parallel-runs, ...: as `embed`
     s.add_argument("--dimensions", action=argparse.BooleanOptionalAction, default=True,
                    help="accept the `dimensions` parameter (Matryoshka-style truncation)")
     defaults = ServeConfig()

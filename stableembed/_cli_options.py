@@ -17,10 +17,15 @@ def add_provider_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
-    """--provider, --mode, --threads, --truncate/--no-truncate, --max-batch-tokens: Encoder's arguments."""
+    """--provider, --mode, --threads, --parallel-runs, --truncate/--no-truncate, --max-batch-tokens: Encoder's
+    arguments."""
     add_provider_option(p)
     p.add_argument("--mode", default="dynamic", choices=MODES)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per physical core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each model run (default: one per physical core; with "
+                        "--parallel-runs, the CPUs divided among the runs)")
+    p.add_argument("--parallel-runs", type=int, default=1,
+                   help="cpu: batches run at once, for throughput; same bits (default %(default)s)")
     p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
                    help="cut texts to max_length tokens (default), or refuse longer ones")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
@@ -30,4 +35,4 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 def encoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """Encoder keyword arguments from the options `add_encoder_options` added."""
     return {"provider": args.provider, "mode": args.mode, "threads": args.threads, "truncate": args.truncate,
-            "max_batch_tokens": args.max_batch_tokens}
+            "max_batch_tokens": args.max_batch_tokens, "parallel_runs": args.parallel_runs}

@@ -100,7 +100,7 @@ def test_missing_provider_is_an_error_on_every_command(minilm_artifact, capsys, 
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
 
 
-def test_embed_truncation_and_batch_budget_options(minilm_artifact, capsys) -> None:
+def test_embed_truncation_batch_budget_and_parallel_run_options(minilm_artifact, capsys) -> None:
     art = str(minilm_artifact)
     long_text = "stable embeddings " * 300  # far beyond max_length (256) tokens
     assert main(["embed", art, "short", long_text]) == 0
@@ -115,6 +115,12 @@ def test_embed_truncation_and_batch_budget_options(minilm_artifact, capsys) -> N
     # and with a budget so small that every text runs alone, the bits stay the same
     texts = ["one", "two words", "three words here", long_text]
     assert main(["embed", art, *texts, "--max-batch-tokens", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert same_bits(np.array(rows, dtype=np.float32), Encoder(minilm_artifact).encode(texts)).all()
+    # --parallel-runs reaches the Encoder too: refused below 1, and two runs at once give the same bits
+    assert main(["embed", art, "short", "--parallel-runs", "0"]) == 2
+    assert "parallel_runs must be >= 1" in capsys.readouterr().err
+    assert main(["embed", art, *texts, "--max-batch-tokens", "1", "--parallel-runs", "2", "--threads", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert same_bits(np.array(rows, dtype=np.float32), Encoder(minilm_artifact).encode(texts)).all()
 

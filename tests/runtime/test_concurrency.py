@@ -88,6 +88,73 @@ def test_concurrent_calls_merge_into_shared_backend_runs(minilm_artifact, real_t
     assert same_bits(got, serial).all()
 
 
+def _tracking(enc: Encoder, hold: threading.Barrier | None = None, fail_on: int | None = None):
+    """Wrap enc.backend.run: count calls and the most in flight at once; optionally wait at `hold` (so
+    a run returns only once another is running too) or raise on call number `fail_on`."""
+    inner, lock, state = enc.backend.run, threading.Lock(), {"calls": 0, "now": 0, "most": 0}
+
+    def run(feeds):
+        with lock:
+            state["calls"] += 1
+            call = state["calls"]
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            if fail_on == call:
+                raise RuntimeError(f"run {call} failed")
+            if hold is not None:
+                hold.wait(60)  # BrokenBarrierError if no second run ever comes
+            return inner(feeds)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    enc.backend.run = run
+    return state
+
+
+def test_parallel_runs_overlap_and_keep_input_order(minilm_artifact, real_texts) -> None:
+    enc = Encoder(minilm_artifact, threads=1, parallel_runs=2, check_hashes=False)
+    texts = real_texts[:40]
+    serial = Encoder(minilm_artifact, threads=1, check_hashes=False).encode(texts, batch_size=4)
+    state = _tracking(enc, hold=threading.Barrier(2))
+    got = enc.encode(texts, batch_size=4)  # 10 runs: each waits at the barrier for its partner
+    assert state["calls"] == 10 and state["most"] == 2
+    assert same_bits(got, serial).all()
+
+
+def test_parallel_runs_failure_surfaces_and_the_encoder_keeps_working(minilm_artifact, real_texts) -> None:
+    enc = Encoder(minilm_artifact, threads=1, parallel_runs=2, check_hashes=False)
+    texts = real_texts[:30]
+    expected = enc.encode(texts, batch_size=3)
+    inner = enc.backend.run
+    state = _tracking(enc, fail_on=4)
+    with pytest.raises(RuntimeError, match="run 4 failed"):
+        enc.encode(texts, batch_size=3)
+    assert state["now"] == 0  # no run of the failed call is still going
+    enc.backend.run = inner
+    assert same_bits(enc.encode(texts, batch_size=3), expected).all()
+
+
+def test_parallel_runs_arguments(minilm_artifact) -> None:
+    import os
+
+    with pytest.raises(ValueError, match="parallel_runs must be >= 1"):
+        Encoder(minilm_artifact, parallel_runs=0, check_hashes=False)
+    with pytest.raises(ValueError, match="provider 'cpu' only, not 'cuda'"):  # before looking for CUDA
+        Encoder(minilm_artifact, provider="cuda", parallel_runs=2, check_hashes=False)
+    enc = Encoder(minilm_artifact, parallel_runs=2, check_hashes=False)
+    assert enc.threads == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert Encoder(minilm_artifact, check_hashes=False).threads is None  # onnxruntime's default
+
+
+def test_warm_up_runs_as_many_largest_batches_as_parallel_runs(minilm_artifact) -> None:
+    enc = Encoder(minilm_artifact, threads=1, parallel_runs=2, check_hashes=False)
+    state = _tracking(enc, hold=threading.Barrier(2))
+    assert enc.warm_up(32) is not None
+    assert state["calls"] == 2 and state["most"] == 2
+
+
 def test_stream_matches_encode_and_names_global_index(enc, real_texts) -> None:
     texts = real_texts[:50]
     chunks = list(enc.encode_stream(iter(texts), chunk_size=16))

@@ -1,5 +1,6 @@
 """The guarantee, on the real all-MiniLM-L6-v2 and real texts, compared bit for bit (uint32 views):
-alone == any batch, any position, any companions, dynamic or fixed, 1 or 2 threads, fresh process.
+alone == any batch, any position, any companions, dynamic or fixed, 1 or 2 threads, parallel runs, fresh
+process.
 
 `Encoder.encode` sorts texts by length (dynamic mode) or groups them by bucket (fixed mode) before
 batching, so where a text lands is the scheduler's choice, not the caller's: rows and paddings are also
@@ -35,6 +36,20 @@ def test_batches_positions_companions(minilm_artifact, real_texts, alone, mode, 
         out = np.empty_like(alone)
         out[order] = enc.encode([real_texts[i] for i in order], batch_size=batch_size)
         assert same_bits(out, alone).all(), f"{mode}, {threads} threads, batch {batch_size}"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_parallel_runs(minilm_artifact, real_texts, alone, mode) -> None:
+    """Two batches in flight at once on one session (one intra-op thread each): the same bits."""
+    enc = Encoder(minilm_artifact, mode=mode, threads=1, parallel_runs=2, check_hashes=False)
+    rng = random.Random(7)
+    for batch_size in (1, 16):
+        order = list(range(len(real_texts)))
+        rng.shuffle(order)
+        assert len(enc.plan([len(e.ids) for e in enc.tokenizer.encode(real_texts)], batch_size)) > 2
+        out = np.empty_like(alone)
+        out[order] = enc.encode([real_texts[i] for i in order], batch_size=batch_size)
+        assert same_bits(out, alone).all(), f"{mode}, parallel runs, batch {batch_size}"
 
 
 @pytest.mark.parametrize("threads", [1, 2])
