@@ -43,6 +43,9 @@ ENGINES = {  # name -> (venv: None = this interpreter, description)
                                    "(the throughput setting; the verdict uses the default setting)"),
 }
 ONNX_USERS = ("st-onnx", "ort-numpy", "fastembed")
+# our exports (export kind, spec field) -> the engines that load them
+ARTIFACT_USERS = {("stableembed", "artifact"): ("stableembed", "stableembed-parallel"),
+                  ("stableembed-int8", "artifact_int8"): ("stableembed-int8",)}
 # optimum-onnx caps transformers below 4.58 while the project runs transformers 5, hence separate venvs;
 # torch and onnxruntime are pinned to the project venv's versions so that only the wrappers differ.
 PEER_VENVS = {
@@ -413,16 +416,15 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001
             for n in set(ONNX_USERS) & set(names):
                 engines[n].setdefault("error", f"optimum export: {exc}")
-    for name, kind, field in (("stableembed", "stableembed", "artifact"),
-                              ("stableembed-int8", "stableembed-int8", "artifact_int8")):
-        users = [n for n in names if n == name or (field == "artifact" and n == "stableembed-parallel")]
+    for (kind, field), engine_names in ARTIFACT_USERS.items():
+        users = [n for n in engine_names if n in names]
         if users:
             try:
                 key = weights + source_key(ROOT / "export", ROOT / "kernels")
                 spec[field] = str(ensure_export(kind, exe, model_dir, key, env, cpus))
             except Exception as exc:  # noqa: BLE001
                 for n in users:
-                    engines[n]["error"] = f"{name} export: {exc}"
+                    engines[n]["error"] = f"{kind} export: {exc}"
 
     texts = load_texts(cfg)
     (CACHE / "texts.json").write_text(json.dumps(texts))
