@@ -43,13 +43,35 @@ class _Request:
     error: BaseException | None = None
 
 
+def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
+    """The round's distinct rows, in first-seen order: encodings, prompt lengths, and for each row every
+    (request, index) that asked for it. A row's embedding depends on its tokens and prompt length alone
+    (the stability guarantee), so identical texts in one round (repeated lines of a corpus, the same
+    query from concurrent callers) run once and every copy gets the very same bits."""
+    first: dict[tuple, int] = {}
+    encodings: list[Encoding] = []
+    prompt_lengths: list[int] = []
+    owners: list[list[tuple[_Request, int]]] = []
+    for r in requests:
+        for i, e in enumerate(r.encodings):
+            key = (tuple(e.ids), tuple(e.type_ids), r.prompt_length)
+            row = first.setdefault(key, len(encodings))
+            if row == len(encodings):
+                encodings.append(e)
+                prompt_lengths.append(r.prompt_length)
+                owners.append([])
+            owners[row].append((r, i))
+    return encodings, prompt_lengths, owners
+
+
 class Encoder:
     """Embeds texts with a stableembed artifact.
 
     Each text's embedding is bit-identical whatever batch, position, companions, mode or thread count
     it is computed with (on one artifact and provider). That is what makes it safe to share batches:
     `encode` may be called from many threads at once, and texts from concurrent calls are merged into
-    common batches (micro-batching) without changing any result.
+    common batches (micro-batching) without changing any result, and identical texts in one round (the
+    same tokens and prompt) run once.
 
     Args:
         path: the artifact folder written by `stableembed export`.
@@ -252,15 +274,13 @@ class Encoder:
                     self._run_lock.release()
 
     def _run(self, requests: list[_Request], progress: bool = False) -> None:
-        encodings = [e for r in requests for e in r.encodings]
-        owners = [(r, i) for r in requests for i in range(len(r.encodings))]
         # Requests with different prompts share batches: each row carries its own prompt length.
-        prompt_lengths = [r.prompt_length for r in requests for _ in r.encodings]
+        encodings, prompt_lengths, owners = _distinct_rows(requests)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(encodings), unit="text", desc="embedding")
+            bar = tqdm(total=sum(len(r.encodings) for r in requests), unit="text", desc="embedding")
         futures: list[Future] = []
         try:
             plan = self.plan([len(e.ids) for e in encodings], min(r.batch_size for r in requests))
@@ -273,10 +293,10 @@ class Encoder:
                 results = (self._run_batch(encodings, b, prompt_lengths) for b in plan)
             for batch, result in zip(plan, results):
                 for row, idx in enumerate(batch.indices):
-                    req, i = owners[idx]
-                    req.out[i] = result[row]
+                    for req, i in owners[idx]:
+                        req.out[i] = result[row]
                 if bar is not None:
-                    bar.update(len(batch.indices))
+                    bar.update(sum(len(owners[idx]) for idx in batch.indices))
         except BaseException as exc:  # the backend failed: every request in this round gets the error
             for f in futures:  # batches not started yet are dropped; running ones finish unread
                 f.cancel()

@@ -182,3 +182,37 @@ def test_refuse_instead_of_truncate(minilm_artifact) -> None:
         strict.encode(["fine", "word " * 400])
     with pytest.raises(ValueError, match="index 0 is longer than max_length"):
         strict.encode(["word " * 300_000])
+
+
+def test_the_same_text_from_concurrent_calls_runs_once(minilm_artifact, real_texts) -> None:
+    """Callers that queue the same text behind a running batch are served by one row of the next run,
+    each with the bits of the text encoded alone."""
+    enc = Encoder(minilm_artifact, threads=1, check_hashes=False)
+    text = next(t for t in real_texts if 20 < len(t) < 120)
+    alone = enc.encode(text)
+    inner, rows = enc.backend.run, []
+    first_running, release = threading.Event(), threading.Event()
+
+    def run(feeds):
+        rows.append(feeds["input_ids"].shape[0])
+        if len(rows) == 1:
+            first_running.set()
+            if not release.wait(60):
+                raise TimeoutError("never released")
+        return inner(feeds)
+
+    enc.backend.run = run
+    callers = 6
+    with ThreadPoolExecutor(callers + 1) as pool:
+        first = pool.submit(enc.encode, ["the first call holds the run lock"])
+        assert first_running.wait(60)
+        others = [pool.submit(enc.encode, [text]) for _ in range(callers)]
+        deadline = time.monotonic() + 60
+        while len(enc._pending) < callers:
+            assert time.monotonic() < deadline, "calls did not queue"
+            time.sleep(0.005)
+        release.set()
+        got = np.stack([f.result(60)[0] for f in others])
+        first.result(60)
+    assert rows == [1, 1], rows  # the held run, then one row for all six callers
+    assert same_bits(got, np.stack([alone] * callers)).all()

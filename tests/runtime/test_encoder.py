@@ -117,3 +117,27 @@ def test_warm_up_in_fixed_mode_takes_the_biggest_bucket(minilm_artifact) -> None
     batch = enc.warm_up()
     rows, length = max(enc.manifest.fixed_buckets, key=lambda b: b[0] * b[1] * b[1])
     assert (batch.rows, batch.length) == (rows, length) and rec.shapes[0]["input_ids"] == (rows, length)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_identical_texts_run_once_and_share_their_bits(minilm_artifact, real_texts, mode) -> None:
+    """Repeated texts in one call run once (rows counted at the batches the backend gets, filler rows
+    of fixed mode left out); every copy gets the bits of the text encoded alone."""
+    enc = Encoder(minilm_artifact, mode=mode, check_hashes=False)
+    distinct = list(dict.fromkeys(t for t in real_texts if t))[:5]
+    picks = [0, 1, 0, 2, 3, 0, 4, 1, 2, 2]
+    texts = [distinct[i] for i in picks] + ["", ""]
+    alone = np.stack([enc.encode(t) for t in texts])
+    rows_run: list[int] = []
+    inner = enc._run_batch
+
+    def counting(encodings, batch, prompt_lengths):
+        rows_run.append(len(batch.indices))
+        return inner(encodings, batch, prompt_lengths)
+
+    enc._run_batch = counting  # type: ignore[method-assign]
+    got = enc.encode(texts, batch_size=4)
+    assert sum(rows_run) == len(distinct) + 1, rows_run  # five texts and the empty one
+    assert same_bits(got, alone).all()
+    # the progress bar still counts every text, copies included
+    assert enc.encode(texts, show_progress=True).shape == (len(texts), enc.dim)

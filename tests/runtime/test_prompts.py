@@ -243,6 +243,27 @@ def test_different_prompts_share_one_batch_bit_identically(mode) -> None:
         assert same_bits(fut_a.result(), alone_a).all() and same_bits(fut_b.result(), alone_b).all()
 
 
+def test_same_tokens_with_another_prompt_length_are_not_merged() -> None:
+    """Identical rows in one round run once (runtime/encoder.py, _distinct_rows), but a text that
+    spells the prompt out itself has the prompted text's tokens and pools over all of them: the two must
+    stay two rows, each with its own bits."""
+    art = prompted_model("excluded")[1]
+    enc = Encoder(art, threads=2)
+    prompt, texts = PROMPTS["instruct"], _texts()[1:5]
+    tok = enc.tokenizer
+    prompted = tok.encode(texts, prompt=prompt)
+    typed = tok.encode([prompt + t for t in texts])
+    assert [e.ids for e in prompted] == [e.ids for e in typed]  # else this test shows nothing
+    req_a = _Request(prompted, 32, np.empty((4, enc.dim), np.float32), tok.prompt_length(prompt))
+    req_b = _Request(typed, 32, np.empty((4, enc.dim), np.float32), 0)
+    enc._run([req_a, req_b])
+    assert req_a.error is None and req_b.error is None
+    alone_a = np.stack([enc.encode(t, prompt=prompt) for t in texts])
+    alone_b = np.stack([enc.encode(prompt + t, prompt="") for t in texts])
+    assert same_bits(req_a.out, alone_a).all() and same_bits(req_b.out, alone_b).all()
+    assert not same_bits(alone_a, alone_b).any()  # no row of one equals its twin of the other
+
+
 def test_int8_export_keeps_the_pooling_mask_and_the_guarantee(tmp_path) -> None:
     from stableembed import export_model
 
