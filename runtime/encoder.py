@@ -9,12 +9,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, overload
+from typing import Callable, Iterable, Iterator, overload
 
 import numpy as np
 from tokenizers import Encoding
 
 from .backends import Backend, load_backend
+from .cache import EmbeddingCache
 from .manifest import Manifest, load_manifest
 from .schedule import Batch, plan_dynamic, plan_fixed
 from .tokenize import TextTokenizer, check_texts, model_prompts, resolve_prompt
@@ -41,6 +42,16 @@ class _Request:
     prompt_length: int = 0  # leading tokens of every text left out of pooling (include_prompt=False)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+
+
+def _renumbered(exc: Exception, index_of: Callable[[int], int]) -> Exception:
+    """A copy of `exc` that names the text at `index_of(i)` where it named index i ("text at index i
+    ..."), or `exc` itself when it names no text."""
+    msg = str(exc)
+    if not msg.startswith("text at index "):
+        return exc
+    local = int(msg.split()[3].rstrip(","))
+    return type(exc)(msg.replace(f"index {local}", f"index {index_of(local)}", 1))
 
 
 def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
@@ -90,17 +101,22 @@ class Encoder:
             setting for large requests (corpora): batches need no intra-op hand-offs, but a lone text
             gets only its run's threads, and a request of a few batches waits for its slowest one
             (README, Performance). The results are the same bits.
+        cache_size: keep the embeddings of up to this many recent (prompt, text) pairs and answer
+            repeats from them without running the model (0: no cache). Exact, by the guarantee above: a
+            hit has the bits a new run would give. `enc.cache.info()` counts hits and misses.
     """
 
     def __init__(self, path: str | Path, mode: str = "dynamic", threads: int | None = None,
                  provider: str = "cpu", check_hashes: bool = True, truncate: bool = True,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, parallel_runs: int = 1):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, parallel_runs: int = 1, cache_size: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if parallel_runs < 1:
             raise ValueError(f"parallel_runs must be >= 1, got {parallel_runs}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         if parallel_runs > 1 and provider != "cpu":
             # One TensorRT execution context must not run two batches at once, and a GPU already runs
             # a batch across the device: parallel runs are a CPU setting.
@@ -115,6 +131,7 @@ class Encoder:
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
         self.parallel_runs = parallel_runs
+        self.cache: EmbeddingCache | None = EmbeddingCache(cache_size) if cache_size else None
         self.tokenizer = TextTokenizer(self.manifest, truncate=truncate)
         self.backend: Backend = load_backend(self.manifest, provider, threads)
         self._pending: deque[_Request] = deque()
@@ -207,10 +224,22 @@ class Encoder:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if not items:
             return out
+        todo = list(range(len(items))) if self.cache is None else self.cache.lookup(prompt, items, out)
+        if not todo:
+            return out
+        whole = len(todo) == len(items)
+        missing = items if whole else [items[i] for i in todo]
+        rows = out if whole else np.empty((len(missing), self.dim), dtype=np.float32)
         # Tokenize in the caller's thread: bad input fails here, alone, and tokenizing overlaps with
         # whatever batch another thread is running.
-        request = _Request(self.tokenizer.encode(items, prompt=prompt), batch_size, out,
-                           self.tokenizer.prompt_length(prompt))
+        try:
+            encodings = self.tokenizer.encode(missing, prompt=prompt)
+        except (TypeError, ValueError) as exc:  # name the index in the caller's list, not among the misses
+            renamed = exc if whole else _renumbered(exc, lambda i: todo[i])
+            if renamed is exc:
+                raise
+            raise renamed from None
+        request = _Request(encodings, batch_size, rows, self.tokenizer.prompt_length(prompt))
         if show_progress:
             with self._run_lock:
                 self._run([request], progress=True)
@@ -218,6 +247,10 @@ class Encoder:
             self._submit(request)
         if request.error is not None:
             raise request.error
+        if not whole:
+            out[todo] = rows
+        if self.cache is not None:
+            self.cache.store(prompt, missing, rows)
         return out
 
     def encode_stream(self, texts: Iterable[str], chunk_size: int = 4096, batch_size: int = 32,
@@ -251,11 +284,10 @@ class Encoder:
         try:
             return self._encode(chunk, batch_size, False, prompt)
         except (TypeError, ValueError) as exc:  # name the index in the whole stream, not in the chunk
-            msg = str(exc)
-            if msg.startswith("text at index "):
-                local = int(msg.split()[3].rstrip(","))
-                raise type(exc)(msg.replace(f"index {local}", f"index {offset + local}", 1)) from None
-            raise
+            renamed = _renumbered(exc, lambda i: offset + i)
+            if renamed is exc:
+                raise
+            raise renamed from None
 
     def _submit(self, request: _Request) -> None:
         """Flat combining: whoever holds the run lock runs every pending request's texts as shared

@@ -103,3 +103,25 @@ def test_warm_up_is_on_by_default_and_can_be_turned_off(monkeypatch, minilm_arti
         with pytest.raises(_Stop):
             args.func(args)
         assert calls == expected, flags
+
+
+def test_cache_size_reaches_the_encoder(monkeypatch, minilm_artifact) -> None:
+    """--cache-size gives the served Encoder an exact cache of that many embeddings (none by default)."""
+    from stableembed.serve import server as server_mod
+
+    served = []
+
+    class _Stop(Exception):
+        pass
+
+    def no_server(app, *args, **kwargs):
+        served.append(app.state.batcher.encoder)
+        raise _Stop
+
+    monkeypatch.setattr(server_mod, "make_server", no_server)
+    for flags, capacity in (([], None), (["--cache-size", "100"], 100)):
+        args = build_parser().parse_args(["serve", str(minilm_artifact), "--no-warm-up", *flags])
+        with pytest.raises(_Stop):
+            args.func(args)
+        cache = served[-1].cache
+        assert (cache.info().capacity if cache is not None else None) == capacity, flags
