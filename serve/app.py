@@ -244,6 +244,8 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
     if not names:
         raise ValueError("model_names must name at least one model")
     metrics = metrics or Metrics()
+    if getattr(encoder, "cache", None) is not None:
+        metrics.watch_cache(encoder.cache)
     embeddings = _Embeddings(encoder, config, names, metrics)
     batcher, state = embeddings.batcher, embeddings.state
 

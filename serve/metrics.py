@@ -3,7 +3,10 @@ one process, as they do in the tests)."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Seconds: from a fraction of a millisecond (a short text on a fast core) to a long request on CPU.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -15,6 +18,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "stableembed"):
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, prefix
+        self.prefix = prefix
         self.requests = Counter(f"{p}_requests", "Embedding requests answered, by HTTP status", ["status"],
                                 registry=r)
         self.rejected = Counter(f"{p}_rejected", "Requests refused before encoding, by reason", ["reason"],
@@ -41,5 +45,22 @@ class Metrics:
                                          "Embedding request latency, body read to response built",
                                          buckets=LATENCY_BUCKETS, registry=r)
 
+    def watch_cache(self, cache: Any) -> None:
+        """Export an Encoder's exact cache (runtime/cache.py): hits and misses as counters, entries as a
+        gauge, read from `cache.info()` at each scrape."""
+        self.registry.register(_CacheCollector(cache, self.prefix))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CacheCollector:
+    def __init__(self, cache: Any, prefix: str):
+        self.cache, self.prefix = cache, prefix
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        info, p = self.cache.info(), self.prefix
+        yield CounterMetricFamily(f"{p}_cache_hits", "Texts answered from the exact cache", value=info.hits)
+        yield CounterMetricFamily(f"{p}_cache_misses", "Texts the cache did not hold (run by the model)",
+                                  value=info.misses)
+        yield GaugeMetricFamily(f"{p}_cache_entries", "Embeddings in the exact cache", value=info.size)

@@ -239,3 +239,21 @@ def test_api_key(serve_encoder) -> None:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         assert httpx.get(srv.url + "/health").status_code == 200  # probes stay open
+
+
+def test_cache_metrics_count_hits_and_misses(minilm_artifact, reference) -> None:
+    """A server over an Encoder with an exact cache: a repeated text is answered from it with the same
+    bits, and /metrics counts its hits, misses and entries."""
+    enc = Encoder(minilm_artifact, check_hashes=False, cache_size=8)
+    texts = ["cached once", "cached twice", "and a third"]
+    with BackgroundServer(create_app(enc, model_names=MODEL)) as srv:
+        payload = {"model": MODEL, "input": texts[:2], "encoding_format": "float"}
+        first = httpx.post(srv.url + "/v1/embeddings", json=payload, timeout=60).json()
+        payload["input"] = texts
+        second = httpx.post(srv.url + "/v1/embeddings", json=payload, timeout=60).json()
+        got = _metrics(srv.url)
+    rows = np.array([d["embedding"] for d in second["data"]], dtype=np.float32)
+    assert same_bits(rows, reference(texts)).all()
+    assert [d["embedding"] for d in first["data"]] == [d["embedding"] for d in second["data"][:2]]
+    assert (got["stableembed_cache_hits_total"], got["stableembed_cache_misses_total"],
+            got["stableembed_cache_entries"]) == (2.0, 3.0, 3.0)
