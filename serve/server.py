@@ -121,9 +121,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--model-name", action="append", default=None, dest="model_names",
                    help="name clients pass as `model` (repeatable; default: the artifact folder's name)")
     add_encoder_options(s)  # --provider, --mode, --threads, --parallel-runs, ...: as `embed`
-    s.add_argument("--cache-size", type=int, default=0,
-                   help="answer repeated (prompt, text) pairs from the last this many embeddings, exactly "
-                        "(Encoder cache_size; default %(default)s: no cache)")
     s.add_argument("--dimensions", action=argparse.BooleanOptionalAction, default=True,
                    help="accept the `dimensions` parameter (Matryoshka-style truncation)")
     defaults = ServeConfig()
@@ -160,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     config = serve_config(args)
-    encoder = Encoder(args.artifact, cache_size=args.cache_size, **encoder_options(args))
+    encoder = Encoder(args.artifact, **encoder_options(args))
     if args.warm_up:
         encoder.warm_up(config.batch_size)
     app = create_app(encoder, config, model_names=args.model_names)

@@ -17,8 +17,8 @@ def add_provider_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
-    """--provider, --mode, --threads, --parallel-runs, --truncate/--no-truncate, --max-batch-tokens: Encoder's
-    arguments."""
+    """--provider, --mode, --threads, --parallel-runs, --truncate/--no-truncate, --max-batch-tokens,
+    --cache-size: Encoder's arguments."""
     add_provider_option(p)
     p.add_argument("--mode", default="dynamic", choices=MODES)
     p.add_argument("--threads", type=int, default=None,
@@ -30,9 +30,13 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                    help="cut texts to max_length tokens (default), or refuse longer ones")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="dynamic mode: padded tokens in one model run (default %(default)s)")
+    p.add_argument("--cache-size", type=int, default=0,
+                   help="answer repeated (prompt, text) pairs from the last this many embeddings, exactly "
+                        "(default %(default)s: no cache)")
 
 
 def encoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """Encoder keyword arguments from the options `add_encoder_options` added."""
     return {"provider": args.provider, "mode": args.mode, "threads": args.threads, "truncate": args.truncate,
-            "max_batch_tokens": args.max_batch_tokens, "parallel_runs": args.parallel_runs}
+            "max_batch_tokens": args.max_batch_tokens, "parallel_runs": args.parallel_runs,
+            "cache_size": args.cache_size}

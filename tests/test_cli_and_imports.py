@@ -100,7 +100,7 @@ def test_missing_provider_is_an_error_on_every_command(minilm_artifact, capsys, 
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
 
 
-def test_embed_truncation_batch_budget_and_parallel_run_options(minilm_artifact, capsys) -> None:
+def test_embed_truncation_batch_budget_parallel_run_and_cache_options(minilm_artifact, capsys, tmp_path) -> None:
     art = str(minilm_artifact)
     long_text = "stable embeddings " * 300  # far beyond max_length (256) tokens
     assert main(["embed", art, "short", long_text]) == 0
@@ -123,6 +123,14 @@ def test_embed_truncation_batch_budget_and_parallel_run_options(minilm_artifact,
     assert main(["embed", art, *texts, "--max-batch-tokens", "1", "--parallel-runs", "2", "--threads", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert same_bits(np.array(rows, dtype=np.float32), Encoder(minilm_artifact).encode(texts)).all()
+    # --cache-size reaches the Encoder: refused below 0; repeats across chunks, answered from it, same bits
+    assert main(["embed", art, "short", "--cache-size", "-1"]) == 2
+    assert "cache_size must be >= 0" in capsys.readouterr().err
+    repeated = texts + texts[::-1]
+    (tmp_path / "in.txt").write_text("\n".join(repeated) + "\n", encoding="utf-8")
+    assert main(["embed", art, "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.npy"),
+                 "--cache-size", "8", "--chunk-size", "2"]) == 0
+    assert same_bits(np.load(tmp_path / "out.npy"), Encoder(minilm_artifact).encode(repeated)).all()
 
 
 def test_export_precision_choices(tmp_path, capsys) -> None:
