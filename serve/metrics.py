@@ -19,6 +19,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, prefix
         self.prefix = prefix
+        self._watched_cache: Any = None
         self.requests = Counter(f"{p}_requests", "Embedding requests answered, by HTTP status", ["status"],
                                 registry=r)
         self.rejected = Counter(f"{p}_rejected", "Requests refused before encoding, by reason", ["reason"],
@@ -47,8 +48,11 @@ class Metrics:
 
     def watch_cache(self, cache: Any) -> None:
         """Export an Encoder's exact cache (runtime/cache.py): hits and misses as counters, entries as a
-        gauge, read from `cache.info()` at each scrape."""
+        gauge, read from `cache.info()` at each scrape. Idempotent for one cache (apps may share Metrics)."""
+        if cache is self._watched_cache:
+            return
         self.registry.register(_CacheCollector(cache, self.prefix))
+        self._watched_cache = cache
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

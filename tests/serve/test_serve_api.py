@@ -17,6 +17,7 @@ from serve_helpers import error_of
 from stableembed import Encoder
 from stableembed.runtime.verify import same_bits
 from stableembed.serve import BackgroundServer, ServeConfig, create_app, truncate_dimensions
+from stableembed.serve.metrics import Metrics
 
 MODEL = "minilm-test"
 CONFIG = ServeConfig(max_inputs=64, max_body_bytes=256 * 1024, max_wait_ms=20)
@@ -257,3 +258,9 @@ def test_cache_metrics_count_hits_and_misses(minilm_artifact, reference) -> None
     assert [d["embedding"] for d in first["data"]] == [d["embedding"] for d in second["data"][:2]]
     assert (got["stableembed_cache_hits_total"], got["stableembed_cache_misses_total"],
             got["stableembed_cache_entries"]) == (2.0, 3.0, 3.0)
+    # a second app on the same Metrics and Encoder (as after a reload) exports the cache once
+    metrics = Metrics()
+    for _ in range(2):
+        create_app(enc, model_names=MODEL, metrics=metrics)
+    samples = [line for line in metrics.render()[0].decode().splitlines() if line.startswith("stableembed_cache_")]
+    assert len(samples) == 3, samples  # hits, misses, entries: once each
