@@ -6,6 +6,7 @@ import itertools
 import os
 import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,20 @@ class _Request:
     error: BaseException | None = None
 
 
-def _renumbered(exc: Exception, index_of: Callable[[int], int]) -> Exception:
-    """A copy of `exc` that names the text at `index_of(i)` where it named index i ("text at index i
-    ..."), or `exc` itself when it names no text."""
-    msg = str(exc)
-    if not msg.startswith("text at index "):
-        return exc
-    local = int(msg.split()[3].rstrip(","))
-    return type(exc)(msg.replace(f"index {local}", f"index {index_of(local)}", 1))
+@contextmanager
+def _naming_indices(index_of: Callable[[int], int]) -> Iterator[None]:
+    """Re-raise a TypeError / ValueError that names "text at index i" of a sub-list as naming
+    `index_of(i)`, the caller's index; any other error (or an unchanged index) passes as it is."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        if not msg.startswith("text at index "):
+            raise
+        local = int(msg.split()[3].rstrip(","))
+        if index_of(local) == local:
+            raise
+        raise type(exc)(msg.replace(f"index {local}", f"index {index_of(local)}", 1)) from None
 
 
 def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
@@ -224,7 +231,7 @@ class Encoder:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if not items:
             return out
-        todo = list(range(len(items))) if self.cache is None else self.cache.lookup(prompt, items, out)
+        todo = range(len(items)) if self.cache is None else self.cache.lookup(prompt, items, out)
         if not todo:
             return out
         whole = len(todo) == len(items)
@@ -232,13 +239,8 @@ class Encoder:
         rows = out if whole else np.empty((len(missing), self.dim), dtype=np.float32)
         # Tokenize in the caller's thread: bad input fails here, alone, and tokenizing overlaps with
         # whatever batch another thread is running.
-        try:
+        with _naming_indices(todo.__getitem__):  # the index in the caller's list, not among the misses
             encodings = self.tokenizer.encode(missing, prompt=prompt)
-        except (TypeError, ValueError) as exc:  # name the index in the caller's list, not among the misses
-            renamed = exc if whole else _renumbered(exc, lambda i: todo[i])
-            if renamed is exc:
-                raise
-            raise renamed from None
         request = _Request(encodings, batch_size, rows, self.tokenizer.prompt_length(prompt))
         if show_progress:
             with self._run_lock:
@@ -281,13 +283,8 @@ class Encoder:
                 progress.close()
 
     def _encode_chunk(self, chunk: list[str], offset: int, batch_size: int, prompt: str | None) -> np.ndarray:
-        try:
+        with _naming_indices(lambda i: offset + i):  # the index in the whole stream, not in the chunk
             return self._encode(chunk, batch_size, False, prompt)
-        except (TypeError, ValueError) as exc:  # name the index in the whole stream, not in the chunk
-            renamed = _renumbered(exc, lambda i: offset + i)
-            if renamed is exc:
-                raise
-            raise renamed from None
 
     def _submit(self, request: _Request) -> None:
         """Flat combining: whoever holds the run lock runs every pending request's texts as shared
