@@ -251,7 +251,10 @@ def summarize(runs: list[dict], stats: dict, sgemm_gflops: float) -> dict:
 def verdict(engines: dict) -> list[dict]:
     """stableembed against the best peer on every row, from the per-repeat figures: "ahead" only when its
     worst repeat beats the peer's best, "behind" only when its best repeat loses to the peer's worst,
-    "overlap" (no verdict) otherwise; the best peer is the one with the best median."""
+    "overlap" (no verdict) otherwise; the best peer is the one with the best median. `won` counts the repeats
+    in which stableembed beat that peer: repeat i of every engine runs in the same round, one engine after
+    the other, so the two figures of a repeat were measured minutes apart on the same host. It is shown
+    beside the verdict, never changes it."""
     if "summary" not in engines.get(SELF, {}):
         return []
     out = []
@@ -268,8 +271,10 @@ def verdict(engines: dict) -> list[dict]:
         else:
             call = "ahead" if max(ours) < min(theirs) else "behind" if min(ours) > max(theirs) else "overlap"
         ratio = statistics.median(ours) / statistics.median(theirs)
+        won = sum((a > b) if higher else (a < b) for a, b in zip(ours, theirs))
         out.append({"row": key, "label": label, "peer": best, "ours": ours, "theirs": theirs,
-                    "ratio": ratio if higher else 1 / ratio, "verdict": call})
+                    "ratio": ratio if higher else 1 / ratio, "verdict": call, "won": won,
+                    "repeats": min(len(ours), len(theirs))})
     return out
 
 
@@ -336,14 +341,16 @@ def markdown(res: dict) -> str:
         lines += ["", f"**Verdict**, {SELF} against the best peer (best median among {', '.join(PEERS)}) on every row: "
                   "*ahead* only when our worst repeat beats the peer's best repeat, *behind* only when our best "
                   "repeat loses to its worst, *overlap* (no verdict) otherwise. p50/p99 per repeat are over that "
-                  "repeat's single-text calls; the p50/p99 columns above pool every repeat's calls.", "",
-                  "| row | stableembed (median, range) | best peer | peer (median, range) | ratio | verdict |",
-                  "|---|--:|---|--:|--:|---|"]
+                  "repeat's single-text calls; the p50/p99 columns above pool every repeat's calls. *Repeats won*: "
+                  "in how many repeats stableembed beat that peer (a repeat runs every engine in one round, one "
+                  "after the other); shown for information, it does not change the verdict.", "",
+                  "| row | stableembed (median, range) | best peer | peer (median, range) | ratio | repeats won | verdict |",
+                  "|---|--:|---|--:|--:|--:|---|"]
         for v in rows:
             fmt = ".0f" if v["row"] in ("short", "long", "mixed", "rss") else ".2f"
             show = lambda xs: f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
             lines.append(f"| {v['label']} | {show(v['ours'])} | {v['peer']} | {show(v['theirs'])} | "
-                         f"{v['ratio']:.2f}× | **{v['verdict']}** |")
+                         f"{v['ratio']:.2f}× | {v['won']} of {v['repeats']} | **{v['verdict']}** |")
         lines += ["", "ratio: how many times better stableembed's median is (above 1×: better)."]
     lines += ["", "vs ST: above 1× is better than sentence-transformers torch (throughput engine/ST, times ST/engine). "
               "Cold start: spawn to first embedding (interpreter, imports, load, one text), after one untimed "

@@ -34,6 +34,18 @@ def test_ahead_behind_and_overlap_follow_the_ranges() -> None:
     assert calls["rss"] == ("ort-numpy", "overlap")     # identical figures are never a win
 
 
+def test_repeats_won_pairs_repeat_i_with_repeat_i_and_leaves_the_verdict_alone() -> None:
+    engines = {
+        "stableembed": _engine(p50=[4.0, 5.0, 4.1], long=[100, 120, 101], rss=[2.0, 2.0, 2.0]),
+        "ort-numpy": _engine(p50=[4.2, 4.9, 4.3], long=[99, 121, 102], rss=[2.0, 2.0, 2.0]),
+    }
+    rows = {v["row"]: v for v in run.verdict(engines)}
+    # lower is better: 4.0 < 4.2 and 4.1 < 4.3 win, 5.0 > 4.9 loses; the ranges overlap, so no verdict
+    assert (rows["p50"]["won"], rows["p50"]["repeats"], rows["p50"]["verdict"]) == (2, 3, "overlap")
+    assert (rows["long"]["won"], rows["long"]["verdict"]) == (1, "overlap")  # only 100 > 99
+    assert rows["rss"]["won"] == 0  # a tie is not a win
+
+
 def test_best_peer_is_chosen_by_median_and_int8_is_not_a_peer() -> None:
     engines = {
         "stableembed": _engine(mixed=[10, 11, 12]),
