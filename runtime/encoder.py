@@ -61,6 +61,12 @@ def _naming_indices(index_of: Callable[[int], int]) -> Iterator[None]:
         raise type(exc)(msg.replace(f"index {local}", f"index {index_of(local)}", 1)) from None
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """ValueError unless chunk_size is a positive int (a chunk of 0 texts would end a stream at once)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
     """The round's distinct rows, in first-seen order: encodings, prompt lengths, and for each row every
     (request, index) that asked for it. A row's embedding depends on its tokens and prompt length alone
@@ -261,6 +267,10 @@ class Encoder:
         """Embed an iterable of any length chunk by chunk, yielding float32 [<=chunk_size, dim] arrays in
         order. Memory stays bounded by one chunk of texts and embeddings, whatever the input's length.
         `prompt_name` / `prompt` as in `encode` (an unknown name raises before any text is read)."""
+        if isinstance(texts, str):  # iterating it would embed each character
+            raise TypeError("encode_stream takes an iterable of texts, not one str: use encode(text), or wrap it "
+                            "in a list")
+        check_chunk_size(chunk_size)
         chosen = resolve_prompt(self.manifest, prompt_name, prompt)
         return self._stream(texts, chunk_size, batch_size, show_progress, total, chosen)
 
@@ -294,6 +304,8 @@ class Encoder:
         while not request.done.is_set():
             if self._run_lock.acquire(timeout=0.05):
                 try:
+                    if request.done.is_set():  # answered by the round that just ended: leave the next to others
+                        return
                     with self._pending_lock:
                         taken = list(self._pending)
                         self._pending.clear()
@@ -303,15 +315,15 @@ class Encoder:
                     self._run_lock.release()
 
     def _run(self, requests: list[_Request], progress: bool = False) -> None:
-        # Requests with different prompts share batches: each row carries its own prompt length.
-        encodings, prompt_lengths, owners = _distinct_rows(requests)
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(r.encodings) for r in requests), unit="text", desc="embedding")
         futures: list[Future] = []
-        try:
+        try:  # from here on, whatever happens, every request taken is answered (`done`) in `finally`
+            # Requests with different prompts share batches: each row carries its own prompt length.
+            encodings, prompt_lengths, owners = _distinct_rows(requests)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=sum(len(r.encodings) for r in requests), unit="text", desc="embedding")
             plan = self.plan([len(e.ids) for e in encodings], min(r.batch_size for r in requests))
             if self._pool is not None and len(plan) > 1:
                 # All submitted at once; the pool keeps parallel_runs in flight. Each batch builds its own

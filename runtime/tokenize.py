@@ -13,11 +13,12 @@ from .manifest import Manifest
 from .schedule import Batch
 
 # A text longer than max_length * CUT_RATIO characters is first cut to a prefix (at whitespace), so a
-# 1 MB text costs microseconds, not seconds. The prefix is kept only if it alone still fills max_length
-# tokens; then its tokens equal the full text's (whitespace ends every pre-token of the tokenizers we
-# export), otherwise the prefix grows fourfold until it does, up to max_length * READ_RATIO characters:
-# beyond that (say, 300,000 spaces before the first word) the text is embedded from that prefix, which
-# keeps the time bounded and the result a function of the text alone.
+# 1 MB text costs milliseconds, not seconds. The prefix is kept only if its encoding proves that its first
+# max_length tokens are the whole text's (`_prefix_holds`): it overflows max_length, and its last kept
+# token belongs to an earlier pre-token (word) than the prefix's last one, so only that last word, which
+# the cut may have split, depends on what follows the cut. Otherwise the prefix grows fourfold; past
+# max_length * READ_RATIO characters the whole text is tokenized (say, 300,000 spaces before the first
+# word: seconds, but the right tokens).
 CUT_RATIO = 32
 READ_RATIO = 1024
 _SPACE = re.compile(r"\s")
@@ -55,6 +56,10 @@ def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: s
         if prompt_name is not None:
             warnings.warn(f"both prompt and prompt_name={prompt_name!r} given: using prompt, as "
                           f"sentence-transformers does", stacklevel=3)
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # else it would surface as the first text's fault
+            raise ValueError(f"prompt cannot be encoded as UTF-8 ({exc.reason} at character {exc.start})") from None
         return prompt
     prompts = model_prompts(manifest)
     if prompt_name is not None:
@@ -68,11 +73,24 @@ def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: s
 
 
 def _cut(text: str, limit: int) -> str:
-    """Prefix of at least `limit` characters, ending before a whitespace when one follows soon."""
+    """Prefix of at least `limit` characters, ending before a whitespace when one follows soon (only a
+    likely word boundary: `_prefix_holds` decides whether the prefix will do)."""
     if len(text) <= limit:
         return text
     m = _SPACE.search(text, limit, 2 * limit)
     return text[: m.start() if m else limit]
+
+
+def _prefix_holds(enc: Encoding) -> bool:
+    """Whether a prefix's truncated encoding holds the whole text's first max_length tokens: the prefix
+    overflows, and its last kept token lies in an earlier word than the prefix's last token. Tokenizers
+    split words before they split tokens, and a word boundary before the cut word does not depend on what
+    follows the cut; so every kept token comes from complete words, tokenized as in the whole text."""
+    if not enc.overflowing:
+        return False
+    kept = [w for w in enc.word_ids if w is not None]
+    rest = [w for o in enc.overflowing for w in o.word_ids if w is not None]
+    return bool(kept) and bool(rest) and rest[-1] > kept[-1]
 
 
 class TextTokenizer:
@@ -123,18 +141,24 @@ class TextTokenizer:
         if prompt:
             texts = [prompt + t for t in texts]
         prepared = self._prepare(texts)
-        limit = self.max_length * CUT_RATIO
+        limit, read_limit = self.max_length * CUT_RATIO, self.max_length * READ_RATIO
         cut = {i: limit for i, t in enumerate(prepared) if len(t) > limit}
         encodings = self._encode_batch([_cut(t, limit) for t in prepared])
-        while cut:  # a cut prefix must fill max_length tokens by itself, or grow
-            grow = {i: min(n * 4, self.max_length * READ_RATIO) for i, n in cut.items()
-                    if len(encodings[i].ids) < self.max_length and n < self.max_length * READ_RATIO}
-            for i, n in grow.items():
-                encodings[i] = self._encode_batch([_cut(prepared[i], n)])[0]
-            cut = {i: n for i, n in grow.items() if len(prepared[i]) > n}
+        while cut:  # a prefix that does not prove its tokens grows, in the end to the whole text
+            grow = {}
+            for i, n in cut.items():
+                if _prefix_holds(encodings[i]):
+                    continue
+                n *= 4
+                whole = n > read_limit or len(prepared[i]) <= n
+                encodings[i] = self._encode_batch([prepared[i] if whole else _cut(prepared[i], n)])[0]
+                if not whole:
+                    grow[i] = n
+            cut = grow
         if not self.truncate:
-            for i, (t, enc) in enumerate(zip(prepared, encodings)):
-                if enc.overflowing or len(t) > limit and len(enc.ids) >= self.max_length:
+            # An accepted prefix overflows, and so does the whole text: it has those words and more.
+            for i, enc in enumerate(encodings):
+                if enc.overflowing:
                     raise ValueError(f"text at index {i} is longer than max_length ({self.max_length} tokens) "
                                      f"and truncation is off")
         return encodings

@@ -60,6 +60,8 @@ def check_stability(path: str | Path, texts: Sequence[str], fresh_process: bool 
     `prompt_name` / `prompt` as in `Encoder.encode`, the same for every encoding."""
     path = Path(path)
     texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to check the guarantee on")
     report = StabilityReport(len(texts))
     alone_enc = Encoder(path, threads=1, provider=provider)
     kw = {"prompt_name": prompt_name, "prompt": prompt}

@@ -13,6 +13,8 @@ import numpy as np
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     if args.texts:
+        if args.input is not None:  # one of them would be ignored
+            raise ValueError("give texts as arguments or with --input, not both")
         return list(args.texts)
     from .streaming import read_lines  # the reader `embed -o` streams with: the same texts either way
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:  # OSError: missing, a folder, no access
         print(f"stableembed {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from .runtime import Encoder
+from .runtime.encoder import check_chunk_size
 from .runtime.tokenize import resolve_prompt
 
 
@@ -112,6 +113,7 @@ def embed_file(enc: Encoder, source: str | None, output: str, *, resume: bool = 
                prompt: str | None = None) -> int:
     """Embed every line of `source` (None or '-': stdin) into `output`; returns the rows written now.
     `prompt_name` / `prompt` as in `Encoder.encode`."""
+    check_chunk_size(chunk_size)  # before any output is opened
     chosen = resolve_prompt(enc.manifest, prompt_name, prompt)  # an unknown name fails before any output
     out = Path(output)
     if out.suffix not in (".npy", ".jsonl"):

@@ -67,6 +67,19 @@ def test_cli_streaming_and_errors(minilm_artifact, corpus, tmp_path, capsys) -> 
     assert ".npy output needs the row count" in capsys.readouterr().err
     assert main(["embed", str(minilm_artifact), "-o", str(tmp_path / "o.csv"), "-i", str(path)]) == 2
     assert "must end in .npy or .jsonl" in capsys.readouterr().err
+    for size in ("0", "-1"):  # a chunk of no texts would end the run at once and call it finished
+        out = tmp_path / f"chunk{size}.npy"
+        assert main(["embed", str(minilm_artifact), "-i", str(path), "-o", str(out), "--chunk-size", size]) == 2
+        assert f"chunk_size must be a positive int, got {size}" in capsys.readouterr().err
+        assert not out.exists() and not out.with_name(out.name + ".progress").exists()
+    assert main(["embed", str(minilm_artifact), "some text", "-i", str(path)]) == 2
+    assert "as arguments or with --input, not both" in capsys.readouterr().err
+    assert main(["embed", str(minilm_artifact), "-i", str(tmp_path)]) == 2  # a folder: one line, no traceback
+    assert "Is a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    assert main(["verify", str(minilm_artifact), "-i", str(empty), "--no-subprocess"]) == 2
+    assert "no texts to check the guarantee on" in capsys.readouterr().err
 
 
 def test_crlf_input_gives_the_same_texts_and_bits_on_every_path(minilm_artifact, tmp_path, capsys,

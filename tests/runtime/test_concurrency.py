@@ -162,6 +162,11 @@ def test_stream_matches_encode_and_names_global_index(enc, real_texts) -> None:
     assert same_bits(np.concatenate(chunks), enc.encode(texts)).all()
     with pytest.raises(TypeError, match="index 37"):
         list(enc.encode_stream(iter(texts[:37] + [None]), chunk_size=16))
+    with pytest.raises(TypeError, match="not one str"):  # not 5 one-character texts
+        enc.encode_stream("hello")
+    for size in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            enc.encode_stream(texts, chunk_size=size)  # at the call, before any text is read
 
 
 def test_huge_text_is_truncated_in_bounded_time(enc, real_texts) -> None:
@@ -173,6 +178,41 @@ def test_huge_text_is_truncated_in_bounded_time(enc, real_texts) -> None:
     assert same_bits(v, enc.encode(huge[:20_000])).all()  # same first 256 tokens
     enc.tokenizer.tokenizer.enable_truncation(enc.max_length)
     assert enc.tokenizer.encode([huge])[0].ids == enc.tokenizer.tokenizer.encode(huge).ids
+
+
+def _whole_text_ids(enc, text: str) -> list[int]:
+    tok = enc.tokenizer.tokenizer
+    tok.enable_truncation(enc.max_length)
+    return tok.encode(text).ids
+
+
+def _cut_cases(limit: int) -> dict[str, str]:
+    head = "a " * 251  # 251 one-token words: the 256 tokens end right at the cut
+    return {
+        # no whitespace after the first cut point: the cut falls inside "together"
+        "cut inside a word": head + "x" * (limit - len(head) - 5) + ".together." + "y" * 9000,
+        # Python's \s matches \x1c, which the BERT normalizer deletes: "to\x1cgether" is one word
+        "cut before a deleted control character": head + "x" * (limit - len(head) - 1) + ".to\x1cgether" + " z" * 5000,
+        # no word in the first 262,144 characters: the whole text is read
+        "300,000 spaces first": " " * 300_000 + "word " * 1000,
+    }
+
+
+@pytest.mark.parametrize("case", ["cut inside a word", "cut before a deleted control character", "300,000 spaces first"])
+def test_a_huge_texts_prefix_gives_the_whole_texts_tokens(enc, case) -> None:
+    from stableembed.runtime.tokenize import CUT_RATIO
+
+    text = _cut_cases(enc.max_length * CUT_RATIO)[case]
+    assert enc.tokenizer.encode([text])[0].ids == _whole_text_ids(enc, text)
+
+
+def test_refuse_by_tokens_not_characters(minilm_artifact) -> None:
+    strict = Encoder(minilm_artifact, truncate=False, check_hashes=False)
+    exact = (" " * 40).join(["a"] * 254)  # 254 words and [CLS] [SEP]: exactly max_length, 10,414 characters
+    assert len(_whole_text_ids(strict, exact)) == 256 and len(exact) > 256 * 32
+    assert strict.encode([exact]).shape == (1, 384)
+    with pytest.raises(ValueError, match="index 0 is longer than max_length"):
+        strict.encode([" " * 300_000 + "word " * 1000])
 
 
 def test_refuse_instead_of_truncate(minilm_artifact) -> None:
@@ -216,3 +256,38 @@ def test_the_same_text_from_concurrent_calls_runs_once(minilm_artifact, real_tex
         first.result(60)
     assert rows == [1, 1], rows  # the held run, then one row for all six callers
     assert same_bits(got, np.stack([alone] * callers)).all()
+
+
+def test_a_caller_whose_result_is_ready_does_not_run_the_next_round(minilm_artifact) -> None:
+    """Flat combining: a caller answered by another thread's round returns; it does not take the run lock
+    for requests that arrived meanwhile (their own callers run them)."""
+    from stableembed.runtime.encoder import _Request
+
+    enc = Encoder(minilm_artifact, threads=1, check_hashes=False)
+    inner, runs = enc.backend.run, []
+
+    def run(feeds):
+        runs.append(threading.current_thread().name)
+        return inner(feeds)
+
+    enc.backend.run = run
+    enc._run_lock.acquire()  # this thread plays the caller whose round answers the waiting one
+    with ThreadPoolExecutor(1, thread_name_prefix="waiter") as pool:
+        waiter = pool.submit(enc.encode, ["the waiting caller's text"])
+        deadline = time.monotonic() + 60
+        while not enc._pending:
+            assert time.monotonic() < deadline, "the call did not queue"
+            time.sleep(0.005)
+        with enc._pending_lock:
+            taken = list(enc._pending)
+            enc._pending.clear()
+        enc._run(taken)  # answers the waiter
+        late = _Request(enc.tokenizer.encode(["a request that arrived during that round"]), 32,
+                        np.zeros((1, enc.dim), np.float32))
+        with enc._pending_lock:
+            enc._pending.append(late)
+        enc._run_lock.release()  # the waiter is blocked on this lock: it gets it first
+        assert waiter.result(60).shape == (1, enc.dim)
+    time.sleep(0.2)
+    assert not late.done.is_set() and runs == ["MainThread"], runs  # the waiter ran nothing
+    assert list(enc._pending) == [late]

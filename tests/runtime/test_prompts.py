@@ -144,6 +144,8 @@ def test_unknown_prompt_name_is_a_clear_error_and_the_encoder_keeps_working() ->
         enc.encode_stream(["a text"], prompt_name="nope")  # raises at the call, before reading any text
     with pytest.raises(TypeError, match="prompt must be a str"):
         enc.encode(["a text"], prompt=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^prompt cannot be encoded as UTF-8 \(surrogates not allowed at character 5\)"):
+        enc.encode(["a fine text", "another"], prompt="query\ud800: ")  # the prompt's fault, not text 0's
     assert enc.encode(["a text"], prompt_name="document").shape == (1, enc.dim)
 
 
