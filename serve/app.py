@@ -150,8 +150,9 @@ class _Embeddings:
             m.rejected.labels("disconnected").inc()
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         finally:
-            if arriving[0]:
+            if arriving[0]:  # it ended before submitting: the dispatcher stops waiting for it
                 state["arriving"] -= 1
+                self.batcher.arrival_ended()
             state["inflight"] -= 1
             m.inflight.dec()
             m.requests.labels(str(status)).inc()
@@ -163,6 +164,8 @@ class _Embeddings:
             payload = await _off_loop(len(body) > INLINE_BODY, json.loads, body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise invalid(f"the request body is not valid JSON: {exc}", param=None) from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise invalid("the request body's JSON is nested too deeply", param=None) from None
         req = parse_request(payload, model_names=self.names, dim=self.encoder.dim, max_inputs=self.config.max_inputs,
                             allow_dimensions=self.config.allow_dimensions, prompts=self.prompts)
         # the request's prompt, else the server's default, else the model's (as Encoder.encode chooses)
@@ -271,8 +274,10 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                        param=None, code=kind))
+        response = _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                            param=None, code=kind))
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     async def server_error(request: Request, exc: Exception) -> Response:
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))

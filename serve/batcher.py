@@ -158,6 +158,12 @@ class Batcher:
 
     # -- requests ----------------------------------------------------------------------------------
 
+    def arrival_ended(self) -> None:
+        """A request counted by `arriving` ended without submitting (refused, disconnected): queued work
+        waiting for companions need not wait for it any longer."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     def check_fits(self, n_texts: int, n_tokens: int) -> None:
         """ValueError if a request this large could never be queued, whatever the load."""
         if n_texts > self.max_queue_texts:

@@ -32,6 +32,9 @@ class ServeConfig:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{f.name} must be >= 0, got {value}")
+        for name in ("max_inputs", "max_body_bytes", "max_concurrent_requests"):  # 0 would refuse every request
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_inputs > self.max_queue_texts:
             raise ValueError(f"max_inputs ({self.max_inputs}) must not exceed max_queue_texts "
                              f"({self.max_queue_texts}): such a request could never be queued")

@@ -165,8 +165,12 @@ def test_other_http_errors(http) -> None:
     res = http.post("/v1/embeddings", content=json.dumps({"model": MODEL, "input": "\ud800 lone surrogate"}),
                     headers={"content-type": "application/json"})  # ASCII JSON with a \ud800 escape
     assert res.status_code == 400 and "UTF-8" in error_of(res)["message"]
+    deep = b'{"model": "m", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # 10 KB, too deep for json
+    res = http.post("/v1/embeddings", content=deep, headers={"content-type": "application/json"})
+    assert res.status_code == 400 and "nested too deeply" in error_of(res)["message"]
     res = http.get("/v1/embeddings")
     assert res.status_code == 405 and error_of(res)["code"] == "method_not_allowed"
+    assert res.headers["allow"] == "POST"  # HTTP requires it on a 405
     res = http.get("/v2/nothing")
     assert res.status_code == 404 and error_of(res)["code"] == "not_found"
 

@@ -177,6 +177,32 @@ def test_config_is_checked() -> None:
         ServeConfig(max_inputs=10, max_queue_texts=5)
     with pytest.raises(ValueError, match="max_wait_ms"):
         ServeConfig(max_wait_ms=-1)
+    for name in ("max_inputs", "max_body_bytes", "max_concurrent_requests"):  # 0: every request refused
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            ServeConfig(**{name: 0})
+
+
+def test_a_request_refused_while_arriving_stops_the_wait_for_it(serve_encoder) -> None:
+    """A queued request waits for companions only while others are being read: when the one being read
+    is refused (here: bad JSON), the queued one runs at once, not after max_wait (60 s here)."""
+    app = create_app(serve_encoder, ServeConfig(max_wait_ms=60_000), model_names=[MODEL])
+    with BackgroundServer(app) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"model": "m", "input": ["b" BROKEN'
+        slow = socket.create_connection((host, int(port)), timeout=30)
+        slow.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+                     + body[:10])
+        wait_until(lambda: app.state.serving["arriving"] == 1)  # its body is being read
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(_post, srv.url, ["a"])
+            wait_until(lambda: app.state.batcher.queued_texts == 1)  # queued, its worker waits
+            time.sleep(0.2)
+            slow.sendall(body[10:])
+            assert slow.recv(1000).startswith(b"HTTP/1.1 400")
+            refused = time.monotonic()
+            assert queued.result(60).status_code == 200
+            assert time.monotonic() - refused < 10
+        slow.close()
 
 
 def _raw_request(url: str, payload: dict) -> socket.socket:
