@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtime.manifest import CPU_MODEL, FORMAT, FORMAT_VERSION, MODEL, Manifest, load_manifest
+from ..runtime.schedule import check_buckets
 from .cpu_graph import fuse_transformer, store_and_check
 from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .families import FAMILIES, Family, family_for
-from .source import Source, config_value, read_source
+from .source import Source, config_value, position_limit, read_source
 
 PRECISIONS = ("fp32", "int8")
 
@@ -97,9 +98,13 @@ def export_model(
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         src.max_length = int(max_length)
+    if "absolute" in family.positions and src.max_length > position_limit(src.config):
+        # a learned position table has no row beyond it: longer texts would fail inside onnxruntime
+        raise ValueError(f"max_length {src.max_length} is beyond the {position_limit(src.config)} positions of "
+                         f"{src.transformer_path / 'config.json'} (max_position_embeddings); pass max_length "
+                         f"(--max-length) <= {position_limit(src.config)}")
     bucket_list = [list(map(int, b)) for b in buckets] if buckets else default_buckets(src.max_length)
-    if max(t for _, t in bucket_list) < src.max_length:
-        raise ValueError(f"fixed buckets must include a length >= max_length ({src.max_length})")
+    check_buckets(bucket_list, src.max_length)
 
     model = load_transformer(src.transformer_path, trust_remote_code)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_type_ids(model) else [])

@@ -66,10 +66,19 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: readable by others, as a mkdir would be
         if out.exists():
+            # Two renames: between them `out` is missing, and a kill there leaves the old artifact in
+            # `old` (README, The artifact). A failed second rename puts it back.
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -116,6 +125,10 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     """Add the size and sha256 of every file in `folder`, then write manifest.json last."""
     manifest["files"] = {
         f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST
+        for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST and not f.name.startswith(f".{MANIFEST}.tmp-")
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # A new file renamed over the old: a reader never sees a half-written manifest (build-trt rewrites
+    # the manifest of an artifact that may be in use).
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)

@@ -65,16 +65,29 @@ class Source:
         return int(value)
 
     def weight_hashes(self) -> dict[str, str]:
-        """sha256 of every weights file the export reads."""
+        """sha256 of every weights file the export reads: the single file, or a sharded checkpoint's index
+        and every shard it names."""
         out = {}
         folders = [self.transformer_path] + [d.path for d in self.dense]
         for folder in folders:
             for name in WEIGHT_FILES:
-                f = folder / name
-                if f.is_file():
+                single, index = folder / name, folder / f"{name}.index.json"
+                files = [single] if single.is_file() else [index, *_shards(index)] if index.is_file() else []
+                for f in files:
                     out[str(f.relative_to(self.path))] = sha256_file(f)
+                if files:
                     break
         return out
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` maps the weights to, in name order."""
+    names = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+    shards = [index.parent / n for n in names]
+    missing = [n for n, f in zip(names, shards) if not f.is_file()]
+    if missing:
+        raise ValueError(f"{index} names shard files that are not there: {', '.join(missing)}")
+    return shards
 
 
 def config_value(config: dict, key: str):
@@ -90,10 +103,17 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def default_max_length(folder: Path, config: dict) -> int:
+def position_limit(config: dict) -> int:
+    """Tokens the model's position table covers: max_position_embeddings, less the padding offset of
+    RoBERTa-style models (their position ids start after the padding index)."""
     limit = int(config.get("max_position_embeddings", 512))
     if config.get("model_type") in OFFSET_POSITION_TYPES:
         limit -= int(config.get("pad_token_id", 1)) + 1
+    return limit
+
+
+def default_max_length(folder: Path, config: dict) -> int:
+    limit = position_limit(config)
     tok_cfg = folder / "tokenizer_config.json"
     if tok_cfg.is_file():
         mml = _read_json(tok_cfg).get("model_max_length")

@@ -18,7 +18,7 @@ from tokenizers import Encoding
 from .backends import Backend, load_backend
 from .cache import EmbeddingCache
 from .manifest import Manifest, load_manifest
-from .schedule import Batch, plan_dynamic, plan_fixed
+from .schedule import Batch, check_buckets, plan_dynamic, plan_fixed
 from .tokenize import TextTokenizer, check_texts, model_prompts, resolve_prompt
 
 MODES = ("dynamic", "fixed")
@@ -137,8 +137,8 @@ class Encoder:
         if parallel_runs > 1 and threads is None:
             threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
         self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)
-        if mode == "fixed" and max(t for _, t in self.manifest.fixed_buckets) < self.manifest.max_length:
-            raise ValueError("the manifest's fixed buckets do not reach its max_length")
+        if mode == "fixed":
+            check_buckets(self.manifest.fixed_buckets, self.manifest.max_length)
         self.mode = mode
         self.provider = provider
         self.threads = threads

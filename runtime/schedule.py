@@ -50,6 +50,16 @@ def plan_dynamic(lengths: Sequence[int], batch_size: int, max_tokens: int | None
     return out[::-1]
 
 
+def check_buckets(buckets: Sequence[Sequence[int]], max_length: int) -> None:
+    """ValueError unless the fixed buckets' lengths reach max_length and none goes beyond it: texts are
+    truncated to max_length, and the graph's pooling trees are built that deep, no deeper."""
+    lengths = [int(t) for _, t in buckets]
+    if not lengths or max(lengths) < max_length:
+        raise ValueError(f"fixed buckets must include the length max_length ({max_length})")
+    if max(lengths) > max_length:
+        raise ValueError(f"fixed bucket length {max(lengths)} is beyond max_length ({max_length})")
+
+
 def bucket_length(n_tokens: int, lengths: Sequence[int]) -> int:
     """The smallest bucket length that holds `n_tokens` tokens."""
     for t in sorted(lengths):

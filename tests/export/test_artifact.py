@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stableembed import export_model
@@ -33,8 +35,39 @@ def test_options_are_recorded(minilm_dir, tmp_path) -> None:
     export_model(minilm_dir, out, max_length=64, buckets=[[4, 32], [2, 64]], parity=False)
     m = load_manifest(out)
     assert m.max_length == 64 and m.fixed_buckets == ((4, 32), (2, 64)) and "parity" not in m.raw
-    with pytest.raises(ValueError, match="buckets must include a length >= max_length"):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's 0700
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no manifest temp left
+    with pytest.raises(ValueError, match=r"buckets must include the length max_length \(64\)"):
         export_model(minilm_dir, tmp_path / "bad", max_length=64, buckets=[[4, 32]], parity=False)
+    # the pooling trees are built max_length deep: a longer bucket would fail at its first batch
+    with pytest.raises(ValueError, match=r"bucket length 512 is beyond max_length \(256\)"):
+        export_model(minilm_dir, tmp_path / "bad", buckets=[[8, 64], [8, 512]], parity=False)
+    # all-MiniLM-L6-v2 has 512 learned positions
+    with pytest.raises(ValueError, match=r"max_length 1024 is beyond the 512 positions .*max_length \(--max-length\) <= 512"):
+        export_model(minilm_dir, tmp_path / "bad", max_length=1024, parity=False)
     with pytest.raises(ValueError, match="precision"):
         export_model(minilm_dir, tmp_path / "bad", precision="fp8")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sharded_checkpoint_is_hashed_shard_by_shard(tmp_path) -> None:
+    from transformers import AutoModel
+
+    from stableembed.export.source import read_source
+    from tiny_models import build_transformers_folder
+
+    src = build_transformers_folder("bert", tmp_path / "single")
+    sharded = tmp_path / "sharded"
+    AutoModel.from_pretrained(src).save_pretrained(sharded, max_shard_size="20KB")
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer"):
+            (sharded / f.name).write_bytes(f.read_bytes())
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    hashes = read_source(sharded).weight_hashes()
+    assert sorted(hashes) == sorted(["model.safetensors.index.json", *shards])
+    (sharded / shards[-1]).unlink()
+    with pytest.raises(ValueError, match=f"names shard files that are not there: {shards[-1]}"):
+        read_source(sharded).weight_hashes()

@@ -76,3 +76,13 @@ def test_default_buckets_follow_a_long_max_length() -> None:
     assert default_buckets(256) == [[b, t] for t in (16, 32, 64, 128, 256) for b in (1, 8, 32)]
     plan = plan_fixed([8000, 3, 900], [tuple(b) for b in buckets])
     assert {(b.rows, b.length) for b in plan} == {(1, 8192), (1, 16), (1, 1024)}
+
+
+def test_fixed_buckets_must_reach_max_length_and_not_pass_it() -> None:
+    from stableembed.runtime.schedule import check_buckets
+
+    check_buckets([(8, 16), (1, 256)], 256)
+    with pytest.raises(ValueError, match=r"must include the length max_length \(256\)"):
+        check_buckets([(8, 16), (1, 128)], 256)
+    with pytest.raises(ValueError, match=r"bucket length 512 is beyond max_length \(256\)"):
+        check_buckets([(8, 16), (1, 256), (1, 512)], 256)
