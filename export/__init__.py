@@ -98,11 +98,12 @@ def export_model(
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         src.max_length = int(max_length)
-    if "absolute" in family.positions and src.max_length > position_limit(src.config):
+    positions = position_limit(src.config)
+    if "absolute" in family.positions and src.max_length > positions:
         # a learned position table has no row beyond it: longer texts would fail inside onnxruntime
-        raise ValueError(f"max_length {src.max_length} is beyond the {position_limit(src.config)} positions of "
+        raise ValueError(f"max_length {src.max_length} is beyond the {positions} positions of "
                          f"{src.transformer_path / 'config.json'} (max_position_embeddings); pass max_length "
-                         f"(--max-length) <= {position_limit(src.config)}")
+                         f"(--max-length) <= {positions}")
     bucket_list = [list(map(int, b)) for b in buckets] if buckets else default_buckets(src.max_length)
     check_buckets(bucket_list, src.max_length)
 
