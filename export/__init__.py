@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +15,7 @@ from .cpu_graph import fuse_transformer, store_and_check
 from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .families import FAMILIES, Family, family_for
 from .source import Source, config_value, position_limit, read_source
+from .tokenizer import write_tokenizer
 
 PRECISIONS = ("fp32", "int8")
 
@@ -39,21 +39,6 @@ def _machine() -> dict[str, object]:
 
     info = cpu_info()
     return {k: info[k] for k in ("cpu", "family_model", "flags", "isa", "key")}
-
-
-def _write_tokenizer(folder: Path, dest: Path) -> None:
-    src = folder / "tokenizer.json"
-    if src.is_file():
-        shutil.copyfile(src, dest)
-        return
-    from .._extras import require
-
-    tok = require("transformers", "export").AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        if not (Path(tmp) / "tokenizer.json").is_file():
-            raise ValueError(f"{folder}: no tokenizer.json and the tokenizer cannot be converted to a fast one")
-        shutil.copyfile(Path(tmp) / "tokenizer.json", dest)
 
 
 def export_model(
@@ -119,7 +104,7 @@ def export_model(
             dim = assemble(traced, src, tmp / MODEL)
             cpu = _cpu_graph(traced, src, family, precision, tmp) if cpu_graph else \
                 {"file": None, "reason": "not requested (cpu_graph=False)"}
-        _write_tokenizer(src.transformer_path, tmp / "tokenizer.json")
+        tokenizer = write_tokenizer(src, tmp / "tokenizer.json", trust_remote_code)
         cfg = src.config
         manifest = {
             "format": FORMAT,
@@ -144,6 +129,7 @@ def export_model(
             "include_prompt": src.include_prompt,
             "max_length": src.max_length,
             "lowercase": src.lowercase,
+            "tokenizer": tokenizer,
             "pad_id": int(cfg.get("pad_token_id") or 0),
             "precision": precision,
             "opset": opset,

@@ -55,6 +55,8 @@ class Source:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     include_prompt: bool = True
+    # sentence_bert_config.json's keyword arguments for AutoTokenizer (processor_kwargs, formerly tokenizer_args)
+    tokenizer_kwargs: dict = field(default_factory=dict)
 
     @property
     def hidden_size(self) -> int:
@@ -191,10 +193,17 @@ def read_source(path: str | Path) -> Source:
     st_cfg_file = transformer_path / "sentence_bert_config.json"
     st_cfg = _read_json(st_cfg_file) if st_cfg_file.is_file() else {}
     max_length = st_cfg.get("max_seq_length") or default_max_length(transformer_path, config)
+    if st_cfg.get("tokenizer_name_or_path") is not None:
+        raise ValueError(f"{st_cfg_file}: tokenizer_name_or_path={st_cfg['tokenizer_name_or_path']!r} is not "
+                         f"supported (the tokenizer must be the Transformer folder's own)")
+    tok_kwargs = st_cfg.get("processor_kwargs") or st_cfg.get("tokenizer_args") or {}
+    if not isinstance(tok_kwargs, dict):
+        raise ValueError(f"{st_cfg_file}: processor_kwargs / tokenizer_args must be an object")
     prompts, default_prompt = _prompts(root)
     return Source(root, "sentence-transformers", transformer_path, config, pooling or ["mean"], normalize, dense,
                   int(max_length), bool(st_cfg.get("do_lower_case", False)),
-                  prompts=prompts, default_prompt_name=default_prompt, include_prompt=include_prompt)
+                  prompts=prompts, default_prompt_name=default_prompt, include_prompt=include_prompt,
+                  tokenizer_kwargs=dict(tok_kwargs))
 
 
 def _prompts(root: Path) -> tuple[dict[str, str], str | None]:

@@ -80,6 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                                for k, v in m.prompts.items()) or "none")
          + ("; a prompt's tokens are not pooled (include_prompt=false)" if not m.include_prompt else "")),
         ("max_length", str(m.max_length)),
+        ("tokenizer", _tokenizer_line(raw)),
         ("precision", m.precision),
         ("opset / exporter", f"{raw['opset']} / {raw['exporter']}"),
         ("fixed buckets", " ".join(f"{b}x{t}" for b, t in m.fixed_buckets)),
@@ -99,6 +100,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _tokenizer_line(raw: dict) -> str:
+    t = raw.get("tokenizer")
+    if not t:
+        return "tokenizer.json (exported before tokenizers were checked)"
+    origin = "the model folder's tokenizer.json" if t["from"] == "tokenizer.json" else \
+        f"rebuilt by transformers ({t['why']})"
+    return f"{origin}; same ids as {t['reference']} on {t['checked_texts']} texts"
 
 
 def _weights_line(raw: dict) -> str:

@@ -38,6 +38,7 @@ def test_embed_info_verify(minilm_artifact, tmp_path, capsys) -> None:
     assert main(["info", str(minilm_artifact)]) == 0
     out = capsys.readouterr().out
     assert "pooling" in out and "mean" in out and "384" in out and "sha256" in out
+    assert "model folder's tokenizer.json; same ids as transformers" in out
     assert main(["verify", str(minilm_artifact), "one", "two", "three", "--no-subprocess"]) == 0
     out = capsys.readouterr().out
     assert "each of 3 texts" in out and "verdict: OK" in out and "fresh process" not in out
