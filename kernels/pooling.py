@@ -2,8 +2,11 @@
 
 Reduction order: every sum over tokens is `tree.tree_reduce` (adjacent pairs, level by level) over
 the token axis, with padded positions replaced by +0.0 (max: by -1e9, as sentence-transformers
-does), so trailing padding of any length contributes identity elements only. Token counts are sums of
-0/1 values, exact in float32 in any order. Everything else is elementwise. The result for a row
+does), so trailing padding of any length contributes identity elements only. The tree runs the depth of
+the graph's max_length whatever the padded length (the reference takes that max_length: the depth turns
+a -0.0 sum into +0.0). Token counts are sums of 0/1 values, exact in float32 in any order;
+weightedmean's weight sum (up to T(T+1)/2, past float32's exact integers from 5,793 tokens) is summed
+in int64, exact, and rounded to float32 once. Everything else is elementwise. The result for a row
 therefore depends only on that row's real tokens: not on batch size, position, padding or threads.
 
 Modes and their meaning follow sentence-transformers' `Pooling` module; several modes are
@@ -25,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .tree import onnx_tree_reduce, tree_reduce
+from .tree import levels_for, onnx_tree_reduce, tree_reduce
 
 MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
 MASKED_MAX = -1e9  # sentence-transformers' fill value for padded tokens in max pooling
@@ -41,10 +44,12 @@ def check_modes(modes: Sequence[str]) -> list[str]:
 
 
 def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str],
-                   pool_mask: np.ndarray | None = None) -> np.ndarray:
+                   pool_mask: np.ndarray | None = None, max_length: int | None = None) -> np.ndarray:
     """NumPy reference defining the exact bits. hidden: float32 [B, T, H]; mask: 0/1 [B, T] (real tokens);
-    pool_mask: optional 0/1 [B, T], the tokens to pool (a subset of mask: prompt tokens cleared)."""
+    pool_mask: optional 0/1 [B, T], the tokens to pool (a subset of mask: prompt tokens cleared);
+    max_length: the ONNX form's (it sets the sums' tree depth), default T."""
     hidden = np.asarray(hidden, dtype=np.float32)
+    levels = levels_for(hidden.shape[1] if max_length is None else max_length)
     masked_prompt = pool_mask is not None
     mask = np.asarray(pool_mask if masked_prompt else mask)
     keep = (mask != 0)[:, :, None]
@@ -57,13 +62,16 @@ def pool_reference(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str],
         elif mode == "max":
             outs.append(tree_reduce(np.where(keep, hidden, np.float32(MASKED_MAX)), 1, "max", MASKED_MAX))
         elif mode in ("mean", "mean_sqrt_len"):
-            total = tree_reduce(np.where(keep, hidden, np.float32(0.0)), 1)
+            total = tree_reduce(np.where(keep, hidden, np.float32(0.0)), 1, levels=levels)
             denom = np.maximum(count, np.float32(COUNT_EPS))
             outs.append(total / (denom if mode == "mean" else np.sqrt(denom)))
         elif mode == "weightedmean":
             w = np.arange(1, hidden.shape[1] + 1, dtype=np.float32)[None, :, None]
-            total = tree_reduce(np.where(keep, hidden * w, np.float32(0.0)), 1)
-            wsum = (mask.astype(np.float32) * w[:, :, 0]).sum(axis=1, keepdims=True)  # integers: exact
+            total = tree_reduce(np.where(keep, hidden * w, np.float32(0.0)), 1, levels=levels)
+            # int64: exact for any length and order, then one rounding to float32 (summed in float32,
+            # past 2^24 the total would round differently for different padded lengths)
+            positions = np.arange(1, hidden.shape[1] + 1, dtype=np.int64)[None, :]
+            wsum = ((mask != 0).astype(np.int64) * positions).sum(axis=1, keepdims=True).astype(np.float32)
             outs.append(total / np.maximum(wsum, np.float32(COUNT_EPS)))
         elif mode == "lasttoken":
             if masked_prompt:  # the last pooled position; 0 (and the value times 0) when none
@@ -115,7 +123,10 @@ def onnx_pool(sub, hidden: str, mask: str, modes: Sequence[str], max_length: int
             weighted = sub.op("Mul", [hidden, w3], "weighted")
             masked = sub.op("Where", [keep, weighted, zero], "masked")
             total = onnx_tree_reduce(sub, masked, max_length)
-            wsum = sub.op("ReduceSum", [sub.op("Mul", [maskf, w]), sub.const([1], "ax")], "wsum", keepdims=1)
+            # int64 (exact for any length), then one Cast: the reference's rounding
+            mask_i = sub.op("Cast", [sub.op("Cast", [mask], "keep_b1", to=9)], "mask_i", to=7)  # 0/1 as the reference
+            wsum_i = sub.op("ReduceSum", [sub.op("Mul", [mask_i, pos]), sub.const([1], "ax")], "wsum_i", keepdims=1)
+            wsum = sub.op("Cast", [wsum_i], "wsum", to=1)
             outs.append(sub.op("Div", [total, sub.op("Max", [wsum, eps])], mode))
         elif mode == "lasttoken":
             if masked_prompt:

@@ -34,7 +34,7 @@ SESSIONS = {(tuple(m), n, th): _session(m, n, th) for m in MODE_SETS for n in (F
 
 
 def _reference(hidden, mask, modes, normalize):
-    out = pool_reference(hidden, mask, modes)
+    out = pool_reference(hidden, mask, modes, max_length=MAX_LEN)
     return normalize_reference(out) if normalize else out
 
 
@@ -147,7 +147,7 @@ def test_prompt_excluded_row_bits_depend_on_row_alone(rows, extra, modes, thread
     pool = _pool_mask(mask, prompts)
     sess = PROMPT_SESSIONS[(tuple(modes), threads)]
     batch = sess.run(None, {"hidden": hidden, "mask": mask, "pool": pool})[0]
-    ref = pool_reference(hidden, mask, modes, pool_mask=pool)
+    ref = pool_reference(hidden, mask, modes, pool_mask=pool, max_length=MAX_LEN)
     assert (_bits(batch) == _bits(ref)).all()
     for i, n in enumerate(lengths):
         alone = sess.run(None, {"hidden": hidden[i:i + 1, :n], "mask": mask[i:i + 1, :n], "pool": pool[i:i + 1, :n]})[0]
@@ -155,8 +155,8 @@ def test_prompt_excluded_row_bits_depend_on_row_alone(rows, extra, modes, thread
     rev = sess.run(None, {"hidden": hidden[::-1].copy(), "mask": mask[::-1].copy(), "pool": pool[::-1].copy()})[0]
     assert (_bits(rev[::-1]) == _bits(ref)).all()
     # no prompt: the pooling mask equals the attention mask and the result is the plain pooling's
-    plain = pool_reference(hidden, mask, modes)
-    assert (_bits(pool_reference(hidden, mask, modes, pool_mask=mask)) == _bits(plain)).all()
+    plain = pool_reference(hidden, mask, modes, max_length=MAX_LEN)
+    assert (_bits(pool_reference(hidden, mask, modes, pool_mask=mask, max_length=MAX_LEN)) == _bits(plain)).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -183,3 +183,40 @@ def test_prompt_exclusion_means_what_sentence_transformers_means(mode) -> None:
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         changed.append(bool((got != pool_reference(h, m, [mode])).any()))
     assert any(changed)  # the prompt's exclusion did change something (lasttoken: only the covered row)
+
+
+def test_a_negative_zero_component_pools_alike_alone_or_padded() -> None:
+    """A component that is -0.0 in every token (and a row whose pooled tokens are all cleared) sums to the
+    same signed zero in the ONNX form and the reference given its max_length, alone or padded."""
+    hidden, mask = _batch(np.random.default_rng(3), [5, 2], 9)
+    hidden[:, :, 4] = np.float32(-0.0)
+    for modes in (["mean"], ["mean_sqrt_len"], ["weightedmean"]):
+        ref = pool_reference(hidden, mask, modes, max_length=MAX_LEN)
+        sess = SESSIONS[(tuple(modes), False, 1)]
+        assert (_bits(sess.run(None, {"hidden": hidden, "mask": mask})[0]) == _bits(ref)).all()
+        alone = sess.run(None, {"hidden": hidden[1:, :2], "mask": mask[1:, :2]})[0]
+        assert (_bits(alone[0]) == _bits(ref[1])).all()
+        pool = _pool_mask(mask, [5, 2])  # nothing left to pool
+        got = PROMPT_SESSIONS[(tuple(modes), 1)].run(None, {"hidden": hidden, "mask": mask, "pool": pool})[0]
+        assert (_bits(got) == _bits(pool_reference(hidden, mask, modes, pool_mask=pool, max_length=MAX_LEN))).all()
+
+
+def test_weightedmean_beyond_float32s_exact_integers() -> None:
+    """Position weights of a 5,814-token text sum past 2^24; summed in float32 the total would round
+    depending on the padded length (and so on the batch). It is summed in int64."""
+    long_max = 8192
+    sub = Subgraph("p")
+    model = standalone_model(sub, [("hidden", 1, ["b", "t", 2]), ("mask", 7, ["b", "t"])],
+                             onnx_pool(sub, "hidden", "mask", ["weightedmean"], long_max))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    n = 5814
+    assert n * (n + 1) // 2 > 2 ** 24
+    hidden = np.random.default_rng(0).standard_normal((1, long_max, 2)).astype(np.float32)
+    mask = np.zeros((1, long_max), np.int64)
+    mask[0, :n] = 1
+    ref = pool_reference(hidden[:, :n], mask[:, :n], ["weightedmean"], max_length=long_max)
+    for pad_to in (n, n + 5, long_max):
+        got = sess.run(None, {"hidden": hidden[:, :pad_to], "mask": mask[:, :pad_to]})[0]
+        assert (_bits(got) == _bits(ref)).all(), pad_to
+        again = pool_reference(hidden[:, :pad_to], mask[:, :pad_to], ["weightedmean"], max_length=long_max)
+        assert (_bits(again) == _bits(ref)).all(), pad_to

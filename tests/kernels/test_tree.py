@@ -48,13 +48,15 @@ def test_levels_for() -> None:
 def test_onnx_matches_reference_and_ignores_padding(b, length, c, extra, op, threads, seed) -> None:
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((b, length, c)) * rng.choice([1e-3, 1.0, 1e4])).astype(np.float32)
+    x[rng.random(x.shape) < 0.2] = np.float32(-0.0)
+    x[:, :, 0] = np.float32(-0.0)  # a sum of -0.0s: its sign depends on the depth
     ident = np.float32(0.0 if op == "add" else -np.inf)
     padded = np.concatenate([x, np.full((b, min(extra, MAX_LEN - length), c), ident, np.float32)], axis=1)
-    ref = tree_reduce(x, 1, op)
+    ref = tree_reduce(x, 1, op, levels=levels_for(MAX_LEN))
     sess = SESSIONS[(op, threads)]
     assert (_bits(sess.run(None, {"x": x})[0]) == _bits(ref)).all()
     assert (_bits(sess.run(None, {"x": padded})[0]) == _bits(ref)).all()
-    assert (_bits(tree_reduce(padded, 1, op)) == _bits(ref)).all()
+    assert (_bits(tree_reduce(padded, 1, op, levels=levels_for(MAX_LEN))) == _bits(ref)).all()
     # each row alone == row in the batch
     for i in range(b):
         assert (_bits(sess.run(None, {"x": x[i:i + 1]})[0][0]) == _bits(ref[i])).all()
@@ -88,3 +90,25 @@ def test_static_length_form_matches_reference(b, length, c, op, seed) -> None:
     assert (_bits(sess.run(None, {"x": x})[0]) == _bits(tree_reduce(x, 1, op))).all()
     pads = sum(n.op_type == "Pad" for n in model.graph.node)
     assert pads == sum(1 for k in range(levels_for(length)) if -(-length // 2 ** k) % 2 == 1)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 33, MAX_LEN])
+def test_a_negative_zero_sum_follows_the_depth(length) -> None:
+    """The ONNX form runs the levels of MAX_LEN whatever the axis; each level past one element adds the
+    +0.0 identity, which turns a -0.0 sum into +0.0. The reference given those levels does the same;
+    only an axis that needs all of them (64 = MAX_LEN) keeps -0.0."""
+    x = np.zeros((1, length, 3), np.float32)
+    x[:, :, 0] = np.float32(-0.0)
+    x[:, :, 1] = np.float32(2.5)
+    ref = tree_reduce(x, 1, levels=levels_for(MAX_LEN))
+    assert _bits(ref)[0, 0] == (0x80000000 if length == MAX_LEN else 0)
+    if length & (length - 1) == 0:  # no identity padding within the tree itself: the sign stays there
+        assert _bits(tree_reduce(x, 1))[0, 0] == 0x80000000
+    for threads in (1, 2):
+        got = SESSIONS[("add", threads)].run(None, {"x": x})[0]
+        assert (_bits(got) == _bits(ref)).all()
+
+
+def test_levels_must_cover_the_axis() -> None:
+    with pytest.raises(ValueError, match="need more than 2 levels"):
+        tree_reduce(np.ones((5, 1), np.float32), 0, levels=2)
