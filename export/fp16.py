@@ -42,6 +42,9 @@ def to_fp16(model):
     out.CopyFrom(model)
     graph = out.graph
     for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):  # e.g. an int8 artifact's onnxruntime contrib nodes
+            raise ValueError(f"fp16 variant: node {node.name or node.output[0]} ({node.domain}.{node.op_type}) "
+                             f"is not a standard ONNX op; only fp32 artifacts have an fp16 variant")
         if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
             raise ValueError(f"fp16 variant: node {node.name} ({node.op_type}) has a subgraph; not supported")
     inferred = shape_inference.infer_shapes(out).graph

@@ -227,14 +227,14 @@ def quantize_model(fp32_onnx: Path, out: Path, calibration: Sequence[Mapping[str
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    target_names = {n.name for n in targets}
+    target_outputs = {n.output[0] for n in targets}  # by output (unique in a graph): names may be empty
     sub = Subgraph("int8")
     act_q: dict[str, tuple[str, str]] = {}  # activation -> (uint8, scale): shared by Q, K, V
     new_nodes = []
     for node in graph.node:
         start = len(sub.nodes)
         replaced = False
-        if node.name in target_names:
+        if node.op_type == "MatMul" and node.output[0] in target_outputs:
             spec = specs[node.input[0]]
             w = const_float(node.input[1], 2)
             wq, c, corr = quant.prepare_weight(w, spec, opts.kernel)

@@ -143,6 +143,21 @@ def prepare_graph(model, fp16: bool = False):
     return to_fp16(prepared) if fp16 else prepared
 
 
+def _prepared(manifest, fp16: bool):
+    """(the graph TensorRT would parse, why it could not): the fp16 variant is made only from an fp32 graph
+    without problems (an int8 artifact's contrib nodes would otherwise fail inside the conversion)."""
+    from .fp16 import to_fp16
+
+    onnx = require("onnx", "tensorrt")
+    opset = int(manifest.raw.get("opset", 17))
+    graph = prepare_graph(onnx.load(str(manifest.model_file)))
+    problems = graph_problems(graph, opset)
+    if fp16 and not problems:
+        graph = to_fp16(graph)
+        problems = graph_problems(graph, opset)
+    return graph, problems
+
+
 def graph_problems(model, opset: int | None = None) -> list[str]:
     """Why TensorRT's parser could not take this graph as we need it (empty when it can): non-standard
     domains or ops (e.g. onnxruntime contrib ops), an opset outside TensorRT's range or other than the
@@ -198,12 +213,9 @@ def static_variant(model, shape: tuple[int, int]):
 def plan_build(folder: str | Path, *, fp16: bool = False, profiles: str | Sequence[Profile] | None = None,
                static_batches: str = "largest") -> dict[str, Any]:
     """What build_engines would build (no TensorRT needed): engines, profiles, the parsed graph's check."""
-    onnx = require("onnx", "tensorrt")
-
     manifest = load_manifest(folder)
     precision = "fp16" if fp16 else "fp32"
-    graph = prepare_graph(onnx.load(str(manifest.model_file)), fp16)
-    problems = graph_problems(graph, int(manifest.raw.get("opset", 17)))
+    graph, problems = _prepared(manifest, fp16)
     return {"artifact": str(manifest.folder), "precision": precision,
             "static": [{"file": engine_file(precision, s), "shape": list(s)}
                        for s in plan_static_engines(manifest.fixed_buckets, static_batches)],
@@ -259,7 +271,7 @@ def build_engines(folder: str | Path, *, fp16: bool = False, profiles: str | Seq
     from ..runtime.backends._cuda import device_info
     from ..runtime.backends.tensorrt import _require_tensorrt
 
-    onnx = require("onnx", "tensorrt")
+    require("onnx", "tensorrt")  # the extra, named before TensorRT is looked for
     trt = _require_tensorrt()
     manifest = load_manifest(folder)
     folder = manifest.folder
@@ -276,8 +288,7 @@ def build_engines(folder: str | Path, *, fp16: bool = False, profiles: str | Seq
     if old is not None and not rebuild:
         raise FileExistsError(f"{folder} already has TensorRT engines (TensorRT {old.tensorrt_version} on "
                               f"{old.gpu}); pass --rebuild to replace them")
-    graph = prepare_graph(onnx.load(str(manifest.model_file)), fp16)
-    problems = graph_problems(graph, int(manifest.raw.get("opset", 17)))
+    graph, problems = _prepared(manifest, fp16)
     if problems:
         raise ValueError("the graph TensorRT would parse is not usable: " + "; ".join(problems))
     shapes = plan_static_engines(manifest.fixed_buckets, static_batches) if static else []

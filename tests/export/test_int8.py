@@ -130,3 +130,45 @@ def test_other_architectures_quantize_and_stay_stable(tiny_zoo, arch: str, tmp_p
     assert q["quantized_matmuls"] == 12 and len(q["kept_fp32"]) == 1  # 2 layers x 6; the Dense head
     report = check_stability(out, sample_texts()[:24], fresh_process=False)
     assert report.ok, report.results
+
+
+def test_an_int8_artifact_has_no_fp16_tensorrt_variant(int8_artifact: Path) -> None:
+    """The fp16 conversion is made from an fp32 graph only: an int8 artifact's plan lists why TensorRT
+    cannot take it (its contrib nodes), as the fp32 plan does, instead of failing inside the conversion."""
+    from stableembed.export.fp16 import to_fp16
+    from stableembed.export.tensorrt import plan_build
+
+    fp32, fp16 = plan_build(int8_artifact), plan_build(int8_artifact, fp16=True)
+    assert fp16["problems"] == fp32["problems"] and any("com.microsoft" in p for p in fp16["problems"])
+    with pytest.raises(ValueError, match=r"com\.microsoft\..* is not a standard ONNX op; only fp32 artifacts"):
+        to_fp16(onnx.load(str(int8_artifact / "model.onnx")))
+
+
+def test_unnamed_matmuls_are_quantized(tmp_path: Path) -> None:
+    """Nodes without names (as many tools write them): the MatMuls are found by their outputs, and the
+    other unnamed nodes are left as they are."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stableembed.export.quantize import quantize_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W", (8, 6)), ("b", (6,)), ("W2", (6, 5)))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["y", "b"], ["z"]),
+             helper.make_node("Relu", ["z"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "t", 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx")
+    assert len(report.quantized) == 2
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    assert ops["MatMul"] == 0 and ops["Relu"] == 1
+    import onnxruntime as ort
+
+    x = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, x)[0].reshape(6, 5)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, x)[0].reshape(6, 5)
+    assert cosine_rows(got, ref).min() > 0.99
