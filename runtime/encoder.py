@@ -67,6 +67,12 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+def check_batch_size(batch_size: int) -> None:
+    """ValueError unless batch_size is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+
+
 def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
     """The round's distinct rows, in first-seen order: encodings, prompt lengths, and for each row every
     (request, index) that asked for it. A row's embedding depends on its tokens and prompt length alone
@@ -231,8 +237,7 @@ class Encoder:
 
     def _encode(self, texts: Iterable[str], batch_size: int, show_progress: bool, prompt: str | None) -> np.ndarray:
         """`encode` with the prompt already chosen (None: no prompt at all)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_batch_size(batch_size)
         items = check_texts(texts)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if not items:

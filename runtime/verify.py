@@ -48,7 +48,11 @@ def _fresh_process(path: Path, texts: Sequence[str], threads: int, provider: str
                 "d=json.load(open(sys.argv[2],encoding='utf-8')); "
                 "np.save(sys.argv[3], Encoder(sys.argv[1], threads=int(sys.argv[4]), provider=sys.argv[5])"
                 ".encode(d['texts'], batch_size=16, **d['prompt']))")
-        subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads), provider], check=True)
+        done = subprocess.run([sys.executable, "-c", code, str(path), str(src), str(dst), str(threads), provider],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+        if done.returncode != 0:  # the check could not run: not a verdict on the guarantee
+            tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"the fresh-process check could not run (exit status {done.returncode}): {tail[0]}")
         return np.load(dst)
 
 

@@ -23,6 +23,7 @@ default prompt when neither is given); an unknown name fails before any Ray work
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,6 +62,18 @@ class EmbedBatches:
         return batch.append_column(self.output_column, column)
 
 
+def _file_lines(row: dict, drop_empty: bool, include_paths: bool) -> list[dict]:
+    """One row per line of a text file's bytes (UTF-8, split as `stableembed.streaming.split_lines`)."""
+    from ..streaming import split_lines
+
+    try:
+        text = bytes(row["bytes"]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{row['path']}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    extra = {"path": row["path"]} if include_paths else {}
+    return [{"text": line, **extra} for line in split_lines(text) if line or not drop_empty]
+
+
 def read_texts(paths: str | Sequence[str], text_column: str = "text", include_paths: bool = False,
                drop_empty_lines: bool = False, override_num_blocks: int | None = None) -> Any:
     """A Ray Dataset of texts: `.txt` files give one row per line (column `text`), `.jsonl`/`.json`
@@ -77,8 +90,10 @@ def read_texts(paths: str | Sequence[str], text_column: str = "text", include_pa
     if kinds == {"text"}:
         if text_column != "text":
             raise ValueError("text files give a column named 'text'")
-        return ray_data.read_text(paths, drop_empty_lines=drop_empty_lines, include_paths=include_paths,
-                                  override_num_blocks=override_num_blocks)
+        # Not ray.data.read_text: it splits with str.splitlines (\x0c, a lone \r, U+2028 ... start new
+        # rows) and drops whitespace-only lines; these rows are the lines `stableembed embed -i` reads.
+        files = ray_data.read_binary_files(paths, include_paths=True, override_num_blocks=override_num_blocks)
+        return files.flat_map(partial(_file_lines, drop_empty=drop_empty_lines, include_paths=include_paths))
     return ray_data.read_json(paths, lines=True, include_paths=include_paths,
                               override_num_blocks=override_num_blocks)
 

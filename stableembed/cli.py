@@ -52,10 +52,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ValueError("with --output, read texts from --input (a file, or - for stdin)")
         from .streaming import embed_file
 
-        n = embed_file(enc, args.input, args.output, resume=args.resume, chunk_size=args.chunk_size,
+        n = embed_file(enc, args.input, args.output, resume=args.resume,
+                       chunk_size=4096 if args.chunk_size is None else args.chunk_size,
                        batch_size=args.batch_size, progress=args.progress, **prompt)
         print(f"wrote {n} embeddings to {args.output}", file=sys.stderr)
         return 0
+    if args.resume or args.chunk_size is not None:
+        raise ValueError("--resume and --chunk-size apply to --output (-o out.npy|out.jsonl) only")
     texts = _read_texts(args)
     progress = args.progress if args.progress is not None else len(texts) >= 1000
     for row in enc.encode(texts, batch_size=args.batch_size, show_progress=progress, **prompt):
@@ -315,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar (default: on for 1,000 texts or more)")
     emb.add_argument("--resume", action="store_true",
                      help="continue an interrupted --output run without recomputing what was written")
-    emb.add_argument("--chunk-size", type=int, default=4096, help="texts held in memory at once with --output")
+    emb.add_argument("--chunk-size", type=int, default=None,
+                     help="texts held in memory at once with --output (default 4096)")
     ver = sub.choices["verify"]
     add_provider_option(ver)
     ver.add_argument("--parity", metavar="SOURCE", default=None,

@@ -18,6 +18,18 @@ def enc(minilm_artifact):
     return Encoder(minilm_artifact, check_hashes=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny random BERT artifact: another model, another width."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "export"))
+    from tiny_models import Case, TinyZoo
+
+    return TinyZoo(tmp_path_factory.mktemp("tiny")).artifact(Case("bert"))[0]
+
+
 @pytest.fixture
 def corpus(tmp_path, real_texts):
     texts = [t.replace("\n", " ") for t in real_texts[:70]]
@@ -114,29 +126,10 @@ def test_crlf_input_gives_the_same_texts_and_bits_on_every_path(minilm_artifact,
         assert got.shape == ref.shape and same_bits(got, ref).all()
 
 
-def _interrupted_jsonl(enc, path, out, **kw) -> None:
-    """A .jsonl run of `path` that dies after its first two chunks of 16."""
-    real = enc._encode_chunk
-    calls = {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    enc._encode_chunk = dying
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            embed_file(enc, str(path), str(out), chunk_size=16, **kw)
-    finally:
-        del enc._encode_chunk
-
-
 def test_jsonl_resume_refuses_another_prompt_or_input(enc, corpus, tmp_path) -> None:
     path, texts = corpus
     out = tmp_path / "out.jsonl"
-    _interrupted_jsonl(enc, path, out, prompt="query: ")
+    _interrupted(enc, path, out, prompt="query: ")
     before = out.read_bytes()
     rows = [json.loads(line) for line in before.decode().splitlines()]
     assert len(rows) == 32 and {r["prompt"] for r in rows} == {"query: "}
@@ -146,7 +139,8 @@ def test_jsonl_resume_refuses_another_prompt_or_input(enc, corpus, tmp_path) -> 
         embed_file(enc, str(path), str(out), resume=True, prompt="passage: ")
     other = tmp_path / "other.txt"
     other.write_text("\n".join(texts[:31] + ["a different line 32"] + texts[32:]), encoding="utf-8")
-    with pytest.raises(ValueError, match="line 32 holds the text .* the input's line 32 is 'a different"):
+    with pytest.raises(ValueError, match="row 32 was embedded from another text than the input's line 32 "
+                                         r"\('a different line 32'\): another input"):
         embed_file(enc, str(other), str(out), resume=True, prompt="query: ")
     short = tmp_path / "short.txt"
     short.write_text("\n".join(texts[:20]), encoding="utf-8")
@@ -173,3 +167,144 @@ def test_jsonl_done_finds_the_last_complete_line(tmp_path, line_bytes, lines) ->
     assert out.read_text(encoding="utf-8") == body  # the torn tail is cut off
     out.write_text("")
     assert _jsonl_done(out) == (0, None)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_npy_killed_at_any_rename_resumes_to_the_right_rows(enc, corpus, tmp_path, monkeypatch, kill_at) -> None:
+    """A fresh .npy run renames the progress record (1), the preallocated array (2), then the progress
+    record after each chunk (3, 4...). Killed at any of them, a resume gives every row's right bits, and
+    no temporary file is left behind; an .npy without a progress record is only ever a finished one."""
+    import stableembed.streaming as streaming
+
+    path, texts = corpus
+    out = tmp_path / "out.npy"
+    real, calls = streaming.os.replace, {"n": 0}
+
+    def dying(src, dst):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(streaming.os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_file(enc, str(path), str(out), chunk_size=16)
+    monkeypatch.setattr(streaming.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert out.exists() == (kill_at >= 3)
+    written = embed_file(enc, str(path), str(out), chunk_size=16, resume=True)
+    assert written == len(texts) - 16 * max(0, kill_at - 3)
+    assert same_bits(np.load(out), enc.encode(texts)).all()
+    assert not (tmp_path / "out.npy.progress").exists()
+
+
+def test_npy_unreadable_progress_is_named(enc, corpus, tmp_path) -> None:
+    path, _ = corpus
+    out = tmp_path / "out.npy"
+    _interrupted(enc, path, out)
+    (tmp_path / "out.npy.progress").write_text("", encoding="utf-8")  # as a torn write left it
+    with pytest.raises(ValueError, match=r"its progress record .*out\.npy\.progress is unreadable .*delete both"):
+        embed_file(enc, str(path), str(out), resume=True, chunk_size=16)
+
+
+def _interrupted(enc, path, out, **kw):
+    """A run of `path` that dies after its first two chunks of 16."""
+    real = enc._encode_chunk
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    enc._encode_chunk = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed_file(enc, str(path), str(out), chunk_size=16, **kw)
+    finally:
+        del enc._encode_chunk
+
+
+class _OtherBits:
+    """Stands in for another model of the same width: this encoder with every bit pattern moved by one ULP."""
+
+    def __init__(self, enc):
+        self.enc, self.dim, self.manifest = enc, enc.dim, enc.manifest
+
+    def _encode_chunk(self, *args):
+        out = self.enc._encode_chunk(*args)
+        return (out.view(np.uint32) + np.uint32(1)).view(np.float32)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_resume_refuses_another_model_or_input(enc, corpus, tmp_path, tiny_bert, suffix) -> None:
+    path, texts = corpus
+    out = tmp_path / f"out{suffix}"
+    _interrupted(enc, path, out)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="row 32 holds other bits than this encoder gives the same text: it was "
+                                         "embedded with another model, artifact, graph or provider"):
+        embed_file(_OtherBits(enc), str(path), str(out), resume=True, chunk_size=16)
+    tiny = Encoder(tiny_bert)  # another width
+    with pytest.raises(ValueError, match=f"(rows hold 384 values, this model's embeddings {tiny.dim}|"
+                                         f"shape \\(70, 384\\), this run writes float32 \\(70, {tiny.dim}\\))"):
+        embed_file(tiny, str(path), str(out), resume=True, chunk_size=16)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(texts[:31] + ["a different line 32"] + texts[32:]), encoding="utf-8")
+    with pytest.raises(ValueError, match="row 32 was embedded from another text than the input's line 32"):
+        embed_file(enc, str(other), str(out), resume=True, chunk_size=16)
+    assert out.read_bytes() == before  # nothing lost, nothing appended
+    assert embed_file(enc, str(path), str(out), resume=True, chunk_size=16) == len(texts) - 32
+    if suffix == ".npy":  # a finished file too is checked against this model
+        with pytest.raises(ValueError, match="row 70 holds other bits"):
+            embed_file(_OtherBits(enc), str(path), str(out), resume=True)
+        assert embed_file(enc, str(path), str(out), resume=True) == 0
+
+
+def test_an_empty_prompt_resumes_as_no_prompt(enc, corpus, tmp_path) -> None:
+    path, texts = corpus
+    for suffix in (".npy", ".jsonl"):
+        out = tmp_path / f"out{suffix}"
+        _interrupted(enc, path, out, prompt="")
+        assert embed_file(enc, str(path), str(out), resume=True, chunk_size=16) == len(texts) - 32
+
+
+def test_pipes_feed_jsonl_and_are_refused_for_npy(enc, tmp_path) -> None:
+    import os
+    import threading
+
+    texts = ["first text", "second text", "third"]
+    fifo = tmp_path / "fifo"
+    for suffix in (".jsonl", ".npy"):
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda: fifo.write_text("\n".join(texts) + "\n", encoding="utf-8"))
+        writer.start()
+        out = tmp_path / f"out{suffix}"
+        try:
+            if suffix == ".jsonl":
+                assert embed_file(enc, str(fifo), str(out)) == 3
+                rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+                assert same_bits(np.array([r["embedding"] for r in rows], np.float32), enc.encode(texts)).all()
+            else:
+                with pytest.raises(ValueError, match="read from a regular file .*a pipe"):
+                    embed_file(enc, str(fifo), str(out))
+                assert not out.exists()
+                with open(fifo, encoding="utf-8") as f:  # let the writer finish
+                    f.read()
+        finally:
+            writer.join(timeout=10)
+            fifo.unlink()
+
+
+def test_bad_options_fail_before_the_output_is_touched(minilm_artifact, corpus, tmp_path, capsys) -> None:
+    path, _ = corpus
+    out = tmp_path / "kept.jsonl"
+    out.write_text("precious\n", encoding="utf-8")
+    assert main(["embed", str(minilm_artifact), "-i", str(path), "-o", str(out), "--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == "precious\n"
+    assert not (tmp_path / "kept.npy").exists()
+    for flags in (["--resume"], ["--chunk-size", "8"]):
+        assert main(["embed", str(minilm_artifact), "-i", str(path), *flags]) == 2
+        assert "apply to --output" in capsys.readouterr().err

@@ -108,3 +108,19 @@ def test_fresh_process_and_verify_report(minilm_artifact, real_texts) -> None:
     report = check_stability(minilm_artifact, real_texts[:40], fresh_process=True)
     assert report.texts == 40 and len(report.results) == 10
     assert report.ok, report.results
+
+
+def test_a_fresh_process_that_cannot_run_is_an_error_not_a_verdict(minilm_artifact, tmp_path, monkeypatch,
+                                                                   capsys) -> None:
+    """A child that dies (here: cannot import stableembed) is reported as such: exit status 2 and its last
+    error line, not a traceback with exit status 1, which `verify` gives for a failed guarantee."""
+    from stableembed.cli import main
+    from stableembed.runtime import verify
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'stableembed'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(verify.sys, "executable", str(broken))
+    assert main(["verify", str(minilm_artifact), "one text", "another"]) == 2
+    err = capsys.readouterr().err
+    assert "fresh-process check could not run (exit status 1): ModuleNotFoundError: No module named" in err

@@ -111,3 +111,26 @@ def test_unknown_prompt_name_fails_before_ray_work(local_ray, corpus, minilm_art
     with pytest.raises(ValueError, match="unknown prompt name 'nope'"):
         embed_files_to_parquet(corpus[1], minilm_artifact, tmp_path / "never", num_actors=1, prompt_name="nope")
     assert not (tmp_path / "never").exists()
+
+
+def test_text_files_give_the_lines_the_cli_reads(local_ray, tmp_path) -> None:
+    """One row per line as `stableembed embed -i` reads it: split on \\n only, \\r\\n endings dropped; a form
+    feed, a lone \\r, U+2028 or U+0085 stay in their text (str.splitlines would start new rows there)."""
+    from stableembed.serve.ray_data import read_texts
+    from stableembed.streaming import read_lines, split_lines
+
+    raw = "first\x0csecond half\r\nline with a lone \r inside\nU+2028 \u2028 and \x85 here\n   \n\nlast\r"
+    path = tmp_path / "tricky.txt"
+    path.write_bytes(raw.encode("utf-8"))
+    with read_lines(str(path)) as lines:
+        expected = list(lines)
+    assert expected == split_lines(raw) and len(expected) == 6 and expected[-1] == "last\r"
+    rows = read_texts(str(path), include_paths=True).take_all()
+    assert [r["text"] for r in rows] == expected
+    assert {r["path"] for r in rows} == {str(path)}
+    kept = [r["text"] for r in read_texts(str(path), drop_empty_lines=True).take_all()]
+    assert kept == [t for t in expected if t] and "   " in kept  # whitespace is a text, not an empty line
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(Exception, match=r"latin1\.txt: not UTF-8"):
+        read_texts(str(bad)).take_all()
