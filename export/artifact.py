@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -53,12 +56,34 @@ def parse_buckets(text: str) -> list[list[int]]:
     return out
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    platform, C library or file system has no such call (the caller then falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.5
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out` in one rename."""
+    """Yield a temporary folder next to `out`; on success it takes `out`'s place in one step (a rename, or
+    for an existing `out` an exchange, where the system has one)."""
     out = out.expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not (out / MANIFEST).is_file():  # --overwrite on the wrong path must not delete it
+        raise FileExistsError(f"{out} exists and is not an artifact (no {MANIFEST}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir, not mkdtemp: the folder gets the mode any mkdir gets (0777 less the umask), not 0700
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -68,7 +93,9 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
+        if out.exists() and exchange(tmp, out):
+            pass  # one step: a loader finds the old artifact or the new one; `tmp` now holds the old (removed below)
+        elif out.exists():
             # Two renames: between them `out` is missing, and a kill there leaves the old artifact in
             # `old` (README, The artifact). A failed second rename puts it back.
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -82,8 +109,10 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         else:
             os.replace(tmp, out)
     finally:
-        if tmp.exists():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() or tmp.is_symlink():  # what an exchange brought here: the old `out` as a link or file
+            tmp.unlink()
 
 
 def externalize_weights(folder: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -71,3 +72,74 @@ def test_a_sharded_checkpoint_is_hashed_shard_by_shard(tmp_path) -> None:
     (sharded / shards[-1]).unlink()
     with pytest.raises(ValueError, match=f"names shard files that are not there: {shards[-1]}"):
         read_source(sharded).weight_hashes()
+
+
+def _old_artifact(tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "manifest.json").write_text("old", encoding="utf-8")
+    (out / "only-in-old.bin").write_bytes(b"x")
+    return out
+
+
+def _siblings(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_overwrite_is_one_exchange(tmp_path, monkeypatch) -> None:
+    """Replacing an artifact swaps the folders in one step: no rename leaves `out` missing for a moment."""
+    out = _old_artifact(tmp_path)
+
+    def no_rename(*args):
+        raise AssertionError("os.replace called: two renames instead of one exchange")
+
+    monkeypatch.setattr(artifact_mod.os, "replace", no_rename)
+    with artifact_mod.atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "manifest.json").write_text("new", encoding="utf-8")
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "new"
+    assert not (out / "only-in-old.bin").exists() and _siblings(tmp_path) == ["art"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_exchange_swaps_two_paths(tmp_path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("file b", encoding="utf-8")
+    assert artifact_mod.exchange(a, b)
+    assert a.read_text(encoding="utf-8") == "file b" and b.is_dir()
+    with pytest.raises(FileNotFoundError):
+        artifact_mod.exchange(tmp_path / "missing", b)
+
+
+def test_overwrite_without_an_exchange_takes_two_renames_and_undoes_a_failed_second(tmp_path, monkeypatch) -> None:
+    out = _old_artifact(tmp_path)
+    monkeypatch.setattr(artifact_mod, "exchange", lambda a, b: False)  # a system without the call
+    real, calls = artifact_mod.os.replace, []
+
+    def second_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(artifact_mod.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        with artifact_mod.atomic_folder(out, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text("new", encoding="utf-8")
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "old" and _siblings(tmp_path) == ["art"]
+    monkeypatch.setattr(artifact_mod.os, "replace", real)
+    with artifact_mod.atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "manifest.json").write_text("new", encoding="utf-8")
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "new" and _siblings(tmp_path) == ["art"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_artifact(tmp_path) -> None:
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="is not an artifact .*refusing to replace it"):
+        with artifact_mod.atomic_folder(precious, overwrite=True):
+            pass
+    assert (precious / "thesis.tex").read_text(encoding="utf-8") == "years of work"
+    assert _siblings(tmp_path) == ["home"]
