@@ -22,6 +22,9 @@ PRECISIONS = ("fp32", "int8")
 __all__ = ["export_model", "read_source", "Source", "PRECISIONS", "FAMILIES", "Family", "family_for"]
 
 
+MIN_OPSET = 13
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("stableembed", "torch", "transformers", "onnx", "onnxruntime", "tokenizers",
@@ -76,6 +79,9 @@ def export_model(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported; choose one of {PRECISIONS}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        # the kernels' Unsqueeze, ReduceSum and Squeeze take their axes as inputs (opset 13)
+        raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     src = read_source(source)
     family = family_for(src.config, trust_remote_code, where=str(src.transformer_path / "config.json"))
     exporter = exporter or family.exporter

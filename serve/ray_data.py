@@ -67,7 +67,7 @@ def _file_lines(row: dict, drop_empty: bool, include_paths: bool) -> list[dict]:
     from ..streaming import split_lines
 
     try:
-        text = bytes(row["bytes"]).decode("utf-8")
+        text = bytes(row["bytes"]).decode("utf-8-sig")  # a leading byte-order mark is not text (as the CLI)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{row['path']}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     extra = {"path": row["path"]} if include_paths else {}

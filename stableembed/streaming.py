@@ -47,17 +47,19 @@ def split_lines(text: str) -> list[str]:
 @contextlib.contextmanager
 def read_lines(source: str | None) -> Iterator[Iterator[str]]:
     """The texts of `source`, one per line: a file, or stdin for None or '-'. The one reader of every
-    command's input, so a file and the same bytes on stdin give the same texts: UTF-8, split on \n only
+    command's input, so a file and the same bytes on stdin give the same texts: UTF-8 (a leading byte-order
+    mark dropped), split on \n only
     (a lone \r stays in its text), each line without its \n or \r\n ending."""
+    # utf-8-sig: a byte-order mark at the start (as some editors and spreadsheet exports write) is not text
     if source not in (None, "-"):
-        with open(source, encoding="utf-8", newline="\n") as f:  # type: ignore[arg-type]
+        with open(source, encoding="utf-8-sig", newline="\n") as f:  # type: ignore[arg-type]
             yield _lines(f)
         return
     raw = getattr(sys.stdin, "buffer", None)
     if raw is None:  # stdin replaced by a text stream (an embedding application, a test): read it as is
         yield _lines(sys.stdin)
         return
-    stream = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+    stream = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n")
     try:
         yield _lines(stream)
     finally:

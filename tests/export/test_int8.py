@@ -48,6 +48,8 @@ def heldout() -> list[str]:
 def test_unknown_precision_is_refused_by_name(minilm_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="precision 'fp16' is not supported.*int8"):
         export_model(minilm_dir, tmp_path / "out", precision="fp16")
+    with pytest.raises(ValueError, match="opset must be an int >= 13, got 12"):  # the kernels need 13
+        export_model(minilm_dir, tmp_path / "out", opset=12)
     assert not (tmp_path / "out").exists()
 
 
