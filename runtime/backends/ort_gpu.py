@@ -239,6 +239,12 @@ class OrtGpuBackend:
 
 
 def load(manifest: Manifest, provider: str, threads: int | None) -> OrtGpuBackend:
+    if manifest.precision == "int8":
+        # Its integer products are onnxruntime CPU contrib kernels (MatMulIntegerToFloat): on a GPU provider
+        # onnxruntime would quietly place them on the CPU, the "GPU" run would be mostly a CPU one, and
+        # the int8 bits were never checked there.
+        raise ValueError(f"int8 artifacts run on the CPU provider only, not {provider!r}; export an fp32 "
+                         f"artifact for the GPU")
     wanted = ORT_PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted not in available:

@@ -396,6 +396,17 @@ def test_cuda_without_onnxruntime_gpu_names_what_to_install(minilm_artifact) -> 
     assert "CUDAExecutionProvider" in msg and "pip install 'stableembed[gpu]'" in msg and "onnxruntime-gpu" in msg
 
 
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_an_int8_artifact_is_refused_on_gpu_providers(provider) -> None:
+    """Refused before any session: onnxruntime would place its CPU-only integer kernels on the CPU."""
+    from types import SimpleNamespace
+
+    from stableembed.runtime.backends import ort_gpu
+
+    with pytest.raises(ValueError, match=f"int8 artifacts run on the CPU provider only, not '{provider}'"):
+        ort_gpu.load(SimpleNamespace(precision="int8"), provider, None)
+
+
 def test_tensorrt_without_engines_or_ep_names_both_ways(minilm_artifact) -> None:
     import onnxruntime as ort
 
