@@ -59,7 +59,8 @@ def quantize_weight(w: np.ndarray, qmax: int = QW, pair_limit: int | None = PAIR
     c = amax / np.float32(qmax)
     if pair_limit is not None:
         c = np.maximum(c, np.abs(_pairs(w)).sum(axis=1).max(axis=0) / np.float32(pair_limit))
-    c = np.where(amax > 0, c, np.float32(1.0)).astype(np.float32)
+    # a zero column, or one so tiny (subnormal) that its scale underflows to 0: scale 1, all weights 0
+    c = np.where(c > 0, c, np.float32(1.0)).astype(np.float32)
     q = np.clip(np.rint(w / c), -qmax, qmax).astype(np.int8)
     if pair_limit is not None:
         q = _fix_pairs(q, pair_limit)

@@ -182,3 +182,15 @@ def test_rounding_ties_go_to_even(spec) -> None:
     got = _session(k, wq, c, spec, "u8s8", 1).run(None, {"x": x})[0]
     assert (_bits(got) == _bits(Q.qlinear_reference(x, wq, c, spec))).all()
     assert got[0, 0].tolist() == np.rint(x[0, 0]).tolist()
+
+
+def test_a_subnormal_weight_column_quantizes_to_zeros_without_nan() -> None:
+    """max|w| / 127 underflows to 0 for a column of subnormals: the column gets scale 1 and zeros (as an
+    all-zero column does), never 0/0 cast to int8."""
+    w = np.ones((6, 3), np.float32)
+    w[:, 1] = np.float32(1e-44)  # subnormal: / 127 rounds to 0
+    w[:, 2] = 0.0
+    with np.errstate(invalid="raise", divide="raise"):  # (the scale's underflow itself is expected)
+        q, c = Q.quantize_weight(w)
+    assert (q[:, 1:] == 0).all() and (c[1:] == 1.0).all() and np.isfinite(c).all()
+    assert (q[:, 0] != 0).all()
