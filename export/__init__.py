@@ -13,7 +13,7 @@ from ..runtime.manifest import CPU_MODEL, FORMAT, FORMAT_VERSION, MODEL, Manifes
 from ..runtime.schedule import check_buckets
 from .cpu_graph import fuse_transformer, store_and_check
 from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
-from .families import FAMILIES, Family, family_for
+from .families import FAMILIES, Family, check_positions, family_for
 from .source import Source, config_value, position_limit, read_source
 from .tokenizer import write_tokenizer
 
@@ -89,6 +89,7 @@ def export_model(
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         src.max_length = int(max_length)
+    check_positions(src.config, family, src.max_length, where=str(src.transformer_path / "config.json"))
     positions = position_limit(src.config)
     if "absolute" in family.positions and src.max_length > positions:
         # a learned position table has no row beyond it: longer texts would fail inside onnxruntime

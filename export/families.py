@@ -68,3 +68,43 @@ def family_for(config: dict, trust_remote_code: bool = False, where: str = "conf
             return family
     raise ValueError(f"{where}: architecture {model_type!r} ({arch}) is not supported; supported model types: "
                      f"{', '.join(supported_model_types())} (or a model with its own code via trust_remote_code)")
+
+
+# Rotary scalings whose frequencies transformers picks with a Python branch on the text's length: a graph
+# traced once (on a short example) keeps the short-text frequencies for every length.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _rope_specs(config: dict) -> list[dict]:
+    """Every rotary scaling spec of a config: `rope_scaling` (transformers 4) and `rope_parameters`
+    (transformers 5), each either one spec or one per layer type (Gemma3: full and sliding attention)."""
+    specs = []
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if not isinstance(value, dict):
+            continue
+        if any(k in value for k in ("rope_type", "type")):
+            specs.append(value)
+        else:
+            specs.extend(v for v in value.values() if isinstance(v, dict))
+    return specs
+
+
+def check_positions(config: dict, family: Family, max_length: int, where: str = "config.json") -> None:
+    """ValueError for position settings the traced graph would silently get wrong at `max_length`."""
+    if "rotary" in family.positions:
+        for spec in _rope_specs(config):
+            kind = spec.get("rope_type") or spec.get("type")
+            if kind == "longrope":
+                raise ValueError(f"{where}: rope type 'longrope' is not supported (its frequencies switch with "
+                                 f"the text's length, which a traced graph cannot follow)")
+            limit = config.get("max_position_embeddings")
+            if kind == "dynamic" and limit and max_length > int(limit):
+                raise ValueError(f"{where}: rope type 'dynamic' rescales its frequencies for texts longer than "
+                                 f"max_position_embeddings ({limit} tokens), which a traced graph cannot follow; "
+                                 f"pass max_length (--max-length) <= {limit}")
+    kind = config.get("position_embedding_type")
+    if family.positions.startswith("absolute") and kind not in (None, "absolute"):
+        # transformers 5 implements absolute positions only: it drops the checkpoint's distance_embedding
+        # and runs another model than the one trained (sentence-transformers too, so parity cannot tell)
+        raise ValueError(f"{where}: position_embedding_type {kind!r} is not supported (only 'absolute')")

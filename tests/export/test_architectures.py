@@ -256,6 +256,47 @@ def test_unsupported_architecture_is_refused(tiny_zoo, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def _with_config(tiny_zoo, tmp_path: Path, arch: str, **changes) -> Path:
+    folder = tmp_path / arch
+    shutil.copytree(tiny_zoo.transformers(arch), folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("arch,changes,max_length,message", [
+    # transformers rescales dynamic rope past max_position_embeddings with a Python branch the trace cannot keep
+    # (measured before this check: min cosine 0.877 against sentence-transformers)
+    ("qwen3", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32), 64,
+     r"rope type 'dynamic' rescales .* longer than max_position_embeddings \(32 tokens\).*max_length .*<= 32"),
+    ("qwen2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                   max_position_embeddings=32), 64, "rope type 'dynamic'"),
+    ("qwen3", dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                 "original_max_position_embeddings": 32}), 32, "rope type 'longrope' is not supported"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "longrope"},
+                                     "sliding_attention": {"rope_type": "default"}}), 32, "'longrope'"),
+    # transformers 5 implements absolute positions only: a relative-position checkpoint would run as another model
+    ("bert", dict(position_embedding_type="relative_key_query"), 32,
+     "position_embedding_type 'relative_key_query' is not supported"),
+])
+def test_positions_a_trace_would_get_wrong_are_refused(tiny_zoo, tmp_path: Path, arch, changes, max_length,
+                                                       message) -> None:
+    folder = _with_config(tiny_zoo, tmp_path, arch, **changes)
+    out = tmp_path / "art"
+    with pytest.raises(ValueError, match=message):
+        export_model(folder, out, parity=False, max_length=max_length)
+    assert not out.exists()
+
+
+def test_dynamic_rope_within_the_position_table_is_exported(tiny_zoo, tmp_path: Path) -> None:
+    """Up to max_position_embeddings dynamic rope is the unscaled rotation, which the trace keeps."""
+    folder = _with_config(tiny_zoo, tmp_path, "qwen3", rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                          max_position_embeddings=32)
+    manifest = export_model(folder, tmp_path / "art", max_length=32)
+    assert PARITY_TOLERANCE.accepts(manifest.raw["parity"]), manifest.raw["parity"]
+
+
 def test_remote_code_needs_the_flag(tiny_zoo, tmp_path: Path, capsys) -> None:
     from stableembed.cli import main
 
