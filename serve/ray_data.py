@@ -55,6 +55,12 @@ class EmbedBatches:
         import numpy as np
         import pyarrow as pa
 
+        if self.output_column in batch.schema.names:  # append_column would write a second column of that name
+            raise ValueError(f"the input already has a column {self.output_column!r}; pass another "
+                             f"output_column")
+        if self.text_column not in batch.schema.names:
+            raise ValueError(f"the input has no column {self.text_column!r} (its columns: "
+                             f"{', '.join(batch.schema.names)}); pass text_column")
         texts = batch.column(self.text_column).to_pylist()
         emb = self.encoder.encode(texts, batch_size=self.batch_size, **self.prompt)
         flat = pa.array(np.ascontiguousarray(emb).reshape(-1), type=pa.float32())

@@ -135,3 +135,18 @@ def test_text_files_give_the_lines_the_cli_reads(local_ray, tmp_path) -> None:
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(Exception, match=r"latin1\.txt: not UTF-8"):
         read_texts(str(bad)).take_all()
+
+
+def test_embed_batches_names_a_missing_text_column_and_refuses_to_shadow_one(minilm_artifact) -> None:
+    """Checked per batch, without a cluster: an input column named like the output would be duplicated."""
+    import pyarrow as pa
+
+    from stableembed.serve.ray_data import EmbedBatches
+
+    fn = EmbedBatches(str(minilm_artifact))
+    out = fn(pa.table({"text": ["a", "b"], "id": [1, 2]}))
+    assert out.column_names == ["text", "id", "embedding"]
+    with pytest.raises(ValueError, match="already has a column 'embedding'; pass another output_column"):
+        fn(out)
+    with pytest.raises(ValueError, match=r"no column 'text' \(its columns: body, id\); pass text_column"):
+        fn(pa.table({"body": ["a"], "id": [1]}))
