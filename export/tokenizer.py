@@ -27,12 +27,14 @@ PROBES = (
 )
 
 
-def probe_texts(lowercase: bool) -> list[str]:
-    """The texts both tokenizers must agree on: the bundled sample and PROBES (lowercased as the runtime
-    lowercases them for a model with do_lower_case), plus one text far beyond any max_length."""
+def probe_texts(lowercase: bool, prompts: Sequence[str] = ()) -> list[str]:
+    """The texts both tokenizers must agree on: the bundled sample and PROBES, the model's prompts before
+    a question (as sentence-transformers joins them), and one text far beyond any max_length; lowercased
+    as the runtime lowercases them for a model with do_lower_case."""
     from ..data import sample_texts
 
     texts = list(sample_texts()) + list(PROBES) + [" ".join(f"token{i} Word{i}" for i in range(2000))]
+    texts += [p + "What is the capital of France?" for p in prompts if p]
     return [t.lower() for t in texts] if lowercase else texts
 
 
@@ -72,7 +74,7 @@ def write_tokenizer(src: Source, dest: Path, trust_remote_code: bool = False) ->
                          f"the runtime needs a fast one (tokenizer.json)")
     # Serialized before it is called: a call sets truncation and padding on the backend.
     rebuilt = hf.backend_tokenizer.to_str()
-    texts = probe_texts(src.lowercase)
+    texts = probe_texts(src.lowercase, list(src.prompts.values()))
     expected = [hf(t, truncation=True, max_length=src.max_length)["input_ids"] for t in texts]
     record = {"checked_texts": len(texts), "reference": f"transformers {transformers.__version__} "
                                                         f"{type(hf).__name__}"}

@@ -96,3 +96,6 @@ def test_no_agreeing_tokenizer_fails_the_export_and_names_the_text(tiny_zoo, tmp
 def test_probe_texts_are_lowercased_for_a_lowercasing_model() -> None:
     assert all(t == t.lower() for t in tokenizer_mod.probe_texts(True))
     assert any(t != t.lower() for t in tokenizer_mod.probe_texts(False))
+    with_prompts = tokenizer_mod.probe_texts(False, ["Instruct: find it\nQuery: ", ""])
+    assert len(with_prompts) == len(tokenizer_mod.probe_texts(False)) + 1
+    assert with_prompts[-1].startswith("Instruct: find it\nQuery: ")
