@@ -273,14 +273,14 @@ def test_an_empty_prompt_resumes_as_no_prompt(enc, corpus, tmp_path) -> None:
 
 def test_pipes_feed_jsonl_and_are_refused_for_npy(enc, tmp_path) -> None:
     import os
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     texts = ["first text", "second text", "third"]
     fifo = tmp_path / "fifo"
+    pool = ThreadPoolExecutor(1)
     for suffix in (".jsonl", ".npy"):
         os.mkfifo(fifo)
-        writer = threading.Thread(target=lambda: fifo.write_text("\n".join(texts) + "\n", encoding="utf-8"))
-        writer.start()
+        writer = pool.submit(fifo.write_text, "\n".join(texts) + "\n", encoding="utf-8")
         out = tmp_path / f"out{suffix}"
         try:
             if suffix == ".jsonl":
@@ -294,8 +294,9 @@ def test_pipes_feed_jsonl_and_are_refused_for_npy(enc, tmp_path) -> None:
                 with open(fifo, encoding="utf-8") as f:  # let the writer finish
                     f.read()
         finally:
-            writer.join(timeout=10)
+            writer.result(timeout=30)  # the writer's own errors surface here
             fifo.unlink()
+    pool.shutdown()
 
 
 def test_bad_options_fail_before_the_output_is_touched(minilm_artifact, corpus, tmp_path, capsys) -> None:

@@ -169,12 +169,25 @@ def test_stream_matches_encode_and_names_global_index(enc, real_texts) -> None:
             enc.encode_stream(texts, chunk_size=size)  # at the call, before any text is read
 
 
-def test_huge_text_is_truncated_in_bounded_time(enc, real_texts) -> None:
+def test_huge_text_is_tokenized_from_a_prefix(enc, real_texts, monkeypatch) -> None:
+    """A million characters: only a prefix of max_length * CUT_RATIO characters, extended to the next
+    whitespace (at most twice that), reaches the tokenizer (tokenizing all of it takes seconds), and it
+    gives the whole text's first 256 tokens."""
+    from stableembed.runtime.tokenize import CUT_RATIO
+
     paragraph = " ".join(t for t in real_texts if len(t) > 200)
     huge = (paragraph + " ") * (1_000_000 // len(paragraph) + 1)
-    start = time.perf_counter()
+    seen: list[int] = []
+    real = enc.tokenizer._encode_batch
+
+    def spy(texts):
+        seen.extend(len(t) for t in texts)
+        return real(texts)
+
+    monkeypatch.setattr(enc.tokenizer, "_encode_batch", spy)
     v = enc.encode(huge)
-    assert time.perf_counter() - start < 5.0  # tokenizing all of it takes seconds; the prefix, milliseconds
+    assert seen and max(seen) <= 2 * enc.max_length * CUT_RATIO < len(huge) // 50
+    monkeypatch.undo()
     assert same_bits(v, enc.encode(huge[:20_000])).all()  # same first 256 tokens
     enc.tokenizer.tokenizer.enable_truncation(enc.max_length)
     assert enc.tokenizer.encode([huge])[0].ids == enc.tokenizer.tokenizer.encode(huge).ids

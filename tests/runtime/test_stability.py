@@ -13,9 +13,9 @@ import random
 
 import numpy as np
 import pytest
+from backend_rows import assert_rows_and_paddings
 
 from stableembed import Encoder
-from stableembed.runtime.schedule import Batch
 from stableembed.runtime.verify import check_stability, same_bits
 
 
@@ -54,33 +54,7 @@ def test_parallel_runs(minilm_artifact, real_texts, alone, mode) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_and_paddings_at_the_backend(minilm_artifact, real_texts, threads) -> None:
-    """A probe at the first, middle and last row of a batch of companions of other token lengths, padded to
-    the batch's longest text and beyond (up to max_length), with and without filler rows: the same bits as
-    the probe run alone at its own length. Batches are built here, row by row, so nothing reorders them."""
-    enc = Encoder(minilm_artifact, threads=threads, check_hashes=False)
-    tok, backend = enc.tokenizer, enc.backend
-    encodings = tok.encode(real_texts)
-    n_tokens = [len(e.ids) for e in encodings]
-
-    def run(indices: list[int], length: int, rows: int | None = None) -> np.ndarray:
-        return backend.run(tok.feeds(encodings, Batch(tuple(indices), length, rows or len(indices))))
-
-    by_length = sorted(range(len(real_texts)), key=lambda i: n_tokens[i])
-    companions = by_length[::len(by_length) // 12][:12]  # 12 texts from the shortest to the longest
-    probes = [by_length[len(by_length) // 4], by_length[-1]]  # a short text and one that fills max_length
-    for probe in probes:
-        alone = run([probe], n_tokens[probe])[0]
-        for length in (n_tokens[probe] + 1, 64, enc.max_length):
-            if n_tokens[probe] < length <= enc.max_length:
-                assert same_bits(run([probe], length)[0], alone).all(), (probe, length)
-        for group in (companions[:3], companions):
-            others = [i for i in group if i != probe]
-            longest = max(n_tokens[i] for i in others + [probe])
-            for pos in (0, len(others) // 2, len(others)):
-                rows = others[:pos] + [probe] + others[pos:]
-                for length in sorted({longest, min(longest + 17, enc.max_length), enc.max_length}):
-                    out = run(rows, length, rows=len(rows) + (2 if length == longest else 0))
-                    assert same_bits(out[pos], alone).all(), (probe, pos, length, len(rows))
+    assert assert_rows_and_paddings(minilm_artifact, real_texts, threads) >= 20
 
 
 def test_companions_of_every_length_through_encode(minilm_artifact, real_texts, alone) -> None:

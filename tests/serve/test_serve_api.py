@@ -15,6 +15,8 @@ import pytest
 from serve_helpers import error_of
 
 from stableembed import Encoder
+from stableembed.export.parity import cosine_rows
+from stableembed.kernels.normalize import normalize_reference
 from stableembed.runtime.verify import same_bits
 from stableembed.serve import BackgroundServer, ServeConfig, create_app, truncate_dimensions
 from stableembed.serve.metrics import Metrics
@@ -89,8 +91,13 @@ def test_dimensions_truncate_and_renormalize(client, http, reference, real_texts
         r = client.embeddings.create(model=MODEL, input=texts, dimensions=dims)
         got = np.array([d.embedding for d in r.data], dtype=np.float32)
         assert got.shape == (len(texts), dims)
-        assert same_bits(got, truncate_dimensions(ref, dims, normalize=True)).all()
+        # expected from the kernel's reference, not from the server's own helper: the first `dims`
+        # components, renormalized (a wrong slice, last components say, fails here)
+        expected = normalize_reference(np.ascontiguousarray(ref[:, :dims]))
+        assert same_bits(got, expected).all()
         assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+        cos = cosine_rows(got, ref[:, :dims])  # parallel to the prefix itself
+        assert (cos > 1 - 1e-6).all()
         # per row: the truncated vector of a text does not depend on its companions either
         assert same_bits(got[3], truncate_dimensions(ref[3:4], dims, normalize=True)[0]).all()
     full = client.embeddings.create(model=MODEL, input=texts, dimensions=serve_encoder.dim)
