@@ -551,9 +551,10 @@ def trt_artifacts(small_gpu_artifact, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _parity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    return float(cos.min()), float(np.abs(a - b).max())
+def _parity(a: np.ndarray, b: np.ndarray) -> dict:
+    from stableembed.export.parity import parity_figures
+
+    return parity_figures(a, b)
 
 
 def _alone_and_shuffled(enc: Encoder, texts: list[str], n: int = 12) -> None:
@@ -576,12 +577,14 @@ def test_native_tensorrt_fp32_matches_cpu_and_fixed_mode_is_bit_stable(trt_artif
     enc = Encoder(art, provider="tensorrt", mode="fixed")
     assert enc.backend.name == "tensorrt"
     out = enc.encode(real_texts)
-    cos, diff = _parity(out, ref)
-    assert cos >= 0.99999 and diff <= 1e-4, (cos, diff)  # fp32 without TF32: CPU parity tolerance
+    from stableembed.export.parity import PARITY_TOLERANCE
+
+    figures = _parity(out, ref)
+    assert PARITY_TOLERANCE.accepts(figures), figures  # fp32 without TF32: the project's parity tolerance
     _alone_and_shuffled(enc, real_texts)
     dyn = Encoder(art, provider="tensorrt", mode="dynamic").encode(real_texts, batch_size=16)
-    cos, diff = _parity(dyn, ref)
-    assert cos >= 0.99999 and diff <= 1e-4, (cos, diff)
+    figures = _parity(dyn, ref)
+    assert PARITY_TOLERANCE.accepts(figures), figures
 
 
 @pytest.mark.gpu
@@ -590,8 +593,8 @@ def test_native_tensorrt_fp16_within_a_loose_tolerance(trt_artifacts, real_texts
     ref = Encoder(art).encode(real_texts)
     enc = Encoder(art, provider="tensorrt", mode="fixed")
     out = enc.encode(real_texts)
-    cos, diff = _parity(out, ref)
-    assert cos >= 0.999 and diff <= 5e-3, (cos, diff)
+    figures = _parity(out, ref)
+    assert figures["min_cosine"] >= 0.999 and figures["max_abs_diff"] <= 5e-3, figures  # fp16: loose by design
     _alone_and_shuffled(enc, real_texts)
 
 
@@ -618,8 +621,10 @@ def test_onnxruntime_gpu_provider_fixed_mode(small_gpu_artifact, real_texts, pro
     ref = Encoder(small_gpu_artifact).encode(real_texts)
     enc = Encoder(small_gpu_artifact, provider=provider, mode="fixed")
     out = enc.encode(real_texts)
-    cos, diff = _parity(out, ref)
-    min_cos, max_diff = (0.99999, 1e-5) if provider == "cuda" else ort_gpu.TRT_EP_TOLERANCE
-    assert cos >= min_cos and diff <= max_diff, (cos, diff)
+    from stableembed.export.parity import PARITY_TOLERANCE, ParityTolerance
+
+    figures = _parity(out, ref)
+    tolerance = PARITY_TOLERANCE if provider == "cuda" else ParityTolerance(*ort_gpu.TRT_EP_TOLERANCE)
+    assert tolerance.accepts(figures), figures
     _alone_and_shuffled(enc, real_texts)
     assert len(enc.backend._fixed) == 2  # one session per run shape (32 and 64 tokens, 8 rows each)
