@@ -18,11 +18,9 @@ from .source import Source, config_value, position_limit, read_source
 from .tokenizer import write_tokenizer
 
 PRECISIONS = ("fp32", "int8")
+MIN_OPSET = 13  # the kernels' Unsqueeze, ReduceSum and Squeeze take their axes as inputs
 
 __all__ = ["export_model", "read_source", "Source", "PRECISIONS", "FAMILIES", "Family", "family_for"]
-
-
-MIN_OPSET = 13
 
 
 def _versions() -> dict[str, str]:
@@ -80,7 +78,6 @@ def export_model(
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported; choose one of {PRECISIONS}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        # the kernels' Unsqueeze, ReduceSum and Squeeze take their axes as inputs (opset 13)
         raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     src = read_source(source)
     family = family_for(src.config, trust_remote_code, where=str(src.transformer_path / "config.json"))
