@@ -361,7 +361,7 @@ def markdown(res: dict) -> str:
               "Cold start: spawn to first embedding (interpreter, imports, load, one text), after one untimed "
               "start of each engine (page cache warm for all; stableembed's weights already hash-stamped, as for "
               "a restarted service: runtime/stamps.py). Peak RSS: the child's "
-              "ru_maxrss after all workloads.", "", "| engine | what | versions |", "|---|---|---|"]
+              "VmHWM after all workloads.", "", "| engine | what | versions |", "|---|---|---|"]
     for n, e in eng.items():
         what = ENGINES[n][1] + ("" if "summary" in e else f" — **not run: {e.get('error', 'no result')}**")
         lines.append(f"| {n} | {what} | {', '.join(f'{k} {v}' for k, v in e.get('versions', {}).items())} |")
