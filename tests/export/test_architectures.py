@@ -157,6 +157,7 @@ def test_parity_surrounding_whitespace(case: Case, tiny_zoo, st_reference) -> No
     ref, _ = st_reference(tiny_zoo.source(case), texts)
     ours = Encoder(art).encode(texts)
     assert cosine_rows(ours, ref).min() >= MIN_COSINE
+    assert np.abs(ours.astype(np.float64) - ref).max() <= MAX_ABS_DIFF
 
 
 @pytest.mark.parametrize("case", [_case_param(c) for c in CASES])

@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from backend_rows import assert_rows_and_paddings  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
+# int8 is not held to fp32 parity: its bars against float32 sentence-transformers, stated once. Top-10
+# neighbour overlap is looser on the export's own 28 held-out sample texts (one swap costs 3.6%) than on
+# the 424 held-out benchmark texts.
+INT8_MEAN_COSINE, INT8_MIN_COSINE = 0.995, 0.98
+INT8_TOP10_SAMPLE, INT8_TOP10_HELDOUT = 0.9, 0.95
 
 
 def _lines(name: str) -> list[str]:
@@ -71,9 +76,9 @@ def test_manifest_records_scheme_size_and_quality(int8_artifact: Path) -> None:
     assert q["size_ratio"] <= 0.30 and q["model_bytes"] <= 0.30 * q["model_bytes_fp32"]
     quality = q["quality"]
     assert quality["texts"] >= 20 and "held out" in quality["data"]
-    assert quality["mean_cosine"] >= 0.995 and quality["min_cosine"] >= 0.98
-    assert quality["top10_overlap"] >= 0.9
-    assert m.raw["parity"]["min_cosine"] >= 0.98
+    assert quality["mean_cosine"] >= INT8_MEAN_COSINE and quality["min_cosine"] >= INT8_MIN_COSINE
+    assert quality["top10_overlap"] >= INT8_TOP10_SAMPLE
+    assert m.raw["parity"]["min_cosine"] >= INT8_MIN_COSINE
 
 
 def test_graph_runs_integer_kernels(int8_artifact: Path) -> None:
@@ -116,8 +121,8 @@ def test_quality_on_heldout_texts(int8_artifact: Path, minilm_dir: Path, heldout
     ours = Encoder(int8_artifact).encode(heldout)
     ref, _ = reference_batched(minilm_dir, heldout, 256)
     cos = cosine_rows(ours, ref)
-    assert cos.mean() >= 0.995 and cos.min() >= 0.98, (cos.mean(), cos.min())
-    assert top_k_overlap(ours, ref) >= 0.95
+    assert cos.mean() >= INT8_MEAN_COSINE and cos.min() >= INT8_MIN_COSINE, (cos.mean(), cos.min())
+    assert top_k_overlap(ours, ref) >= INT8_TOP10_HELDOUT
 
 
 def test_fp32_graph_parts_untouched(int8_artifact: Path) -> None:
