@@ -14,7 +14,7 @@ from ..runtime.schedule import check_buckets
 from .cpu_graph import fuse_transformer, store_and_check
 from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
 from .families import FAMILIES, Family, check_positions, family_for
-from .source import Source, config_value, position_limit, read_source
+from .source import Source, config_value, read_source
 from .tokenizer import write_tokenizer
 
 PRECISIONS = ("fp32", "int8")
@@ -87,12 +87,6 @@ def export_model(
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         src.max_length = int(max_length)
     check_positions(src.config, family, src.max_length, where=str(src.transformer_path / "config.json"))
-    positions = position_limit(src.config)
-    if "absolute" in family.positions and src.max_length > positions:
-        # a learned position table has no row beyond it: longer texts would fail inside onnxruntime
-        raise ValueError(f"max_length {src.max_length} is beyond the {positions} positions of "
-                         f"{src.transformer_path / 'config.json'} (max_position_embeddings); pass max_length "
-                         f"(--max-length) <= {positions}")
     bucket_list = [list(map(int, b)) for b in buckets] if buckets else default_buckets(src.max_length)
     check_buckets(bucket_list, src.max_length)
 

@@ -91,7 +91,14 @@ def _rope_specs(config: dict) -> list[dict]:
 
 
 def check_positions(config: dict, family: Family, max_length: int, where: str = "config.json") -> None:
-    """ValueError for position settings the traced graph would silently get wrong at `max_length`."""
+    """ValueError for position settings the export cannot serve at `max_length`: a learned table too short
+    (texts that long would fail inside onnxruntime), or one the traced graph would silently get wrong."""
+    from .source import position_limit
+
+    limit = position_limit(config)
+    if "absolute" in family.positions and max_length > limit:  # a learned table has no row beyond it
+        raise ValueError(f"max_length {max_length} is beyond the {limit} positions of {where} "
+                         f"(max_position_embeddings); pass max_length (--max-length) <= {limit}")
     if "rotary" in family.positions:
         for spec in _rope_specs(config):
             kind = spec.get("rope_type") or spec.get("type")

@@ -34,14 +34,10 @@ def _lines(stream: IO[str]) -> Iterator[str]:
 
 
 def split_lines(text: str) -> list[str]:
-    """`text`'s lines by the rule `read_lines` reads a file with: split on \n only, each line without its
-    \n or \r\n ending (a lone \r, \x0c or U+2028 stays in its text, where str.splitlines would split)."""
-    lines = text.split("\n")
-    last = lines.pop()  # after the final \n: "" or an unterminated last line (which keeps a trailing \r)
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    if last:
-        lines.append(last)
-    return lines
+    """`text`'s lines by the rule `read_lines` reads a file with (the same `_lines`): split on \n only, each
+    line without its \n or \r\n ending (a lone \r, \x0c or U+2028 stays in its text, where
+    str.splitlines would split)."""
+    return list(_lines(io.StringIO(text, newline="\n")))
 
 
 @contextlib.contextmanager
