@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, overload
 import numpy as np
 from tokenizers import Encoding
 
+from ..kernels.normalize import normalize_reference
 from .backends import Backend, load_backend
 from .cache import EmbeddingCache
 from .manifest import Manifest, load_manifest
@@ -73,6 +74,28 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
 
+def check_truncate_dim(truncate_dim: int | None, dim: int) -> int | None:
+    """`truncate_dim` if it is None or an int in 1..dim; else a ValueError naming the model's width."""
+    if truncate_dim is None:
+        return None
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim:
+        raise ValueError(f"truncate_dim must be an int from 1 to {dim} (the model's embedding width), "
+                         f"got {truncate_dim!r}")
+    return truncate_dim
+
+
+def finish_rows(emb: np.ndarray, truncate_dim: int | None, normalize: bool) -> np.ndarray:
+    """The model's rows as returned to the caller, as sentence-transformers' `encode` shapes them: the first
+    `truncate_dim` components (None: all), then L2-normalized when `normalize`. Both act on each row
+    alone, normalization with the kernel's NumPy reference (its fixed reduction order), so a row's bits
+    still depend on its text alone."""
+    if truncate_dim is not None and truncate_dim < emb.shape[-1]:
+        emb = np.ascontiguousarray(emb[..., :truncate_dim])
+    if normalize:
+        emb = normalize_reference(emb.reshape(-1, emb.shape[-1])).reshape(emb.shape)
+    return emb
+
+
 def _distinct_rows(requests: list[_Request]) -> tuple[list[Encoding], list[int], list[list[tuple[_Request, int]]]]:
     """The round's distinct rows, in first-seen order: encodings, prompt lengths, and for each row every
     (request, index) that asked for it. A row's embedding depends on its tokens and prompt length alone
@@ -123,11 +146,16 @@ class Encoder:
         cache_size: keep the embeddings of up to this many recent (prompt, text) pairs and answer
             repeats from them without running the model (0: no cache). Exact, by the guarantee above: a
             hit has the bits a new run would give. `enc.cache.info()` counts hits and misses.
+        truncate_dim: return only the first this many components of each embedding (Matryoshka models),
+            as sentence-transformers' `truncate_dim`; None: the model's full width. `dim` is then this.
+        normalize_embeddings: L2-normalize each returned row (after truncation), as sentence-transformers'
+            `encode(normalize_embeddings=True)`. Both are also per-call arguments of `encode`.
     """
 
     def __init__(self, path: str | Path, mode: str = "dynamic", threads: int | None = None,
                  provider: str = "cpu", check_hashes: bool = True, truncate: bool = True,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, parallel_runs: int = 1, cache_size: int = 0):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, parallel_runs: int = 1, cache_size: int = 0,
+                 truncate_dim: int | None = None, normalize_embeddings: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_batch_tokens < 1:
@@ -143,6 +171,8 @@ class Encoder:
         if parallel_runs > 1 and threads is None:
             threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
         self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)
+        self.truncate_dim = check_truncate_dim(truncate_dim, self.manifest.dim)
+        self.normalize_embeddings = bool(normalize_embeddings)
         if mode == "fixed":
             check_buckets(self.manifest.fixed_buckets, self.manifest.max_length)
         self.mode = mode
@@ -193,7 +223,13 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.manifest.dim
+        """Width of the returned embeddings: `truncate_dim` when set, else the model's (manifest.dim)."""
+        return self.truncate_dim or self.manifest.dim
+
+    def _finish(self, emb: np.ndarray, truncate_dim: int | None, normalize: bool | None) -> np.ndarray:
+        """`finish_rows` with a call's arguments, None meaning the Encoder's own setting."""
+        dim = self.truncate_dim if truncate_dim is None else check_truncate_dim(truncate_dim, self.manifest.dim)
+        return finish_rows(emb, dim, self.normalize_embeddings if normalize is None else bool(normalize))
 
     @property
     def max_length(self) -> int:
@@ -216,30 +252,40 @@ class Encoder:
 
     @overload
     def encode(self, texts: str, batch_size: int = ..., show_progress: bool = ..., *,
-               prompt_name: str | None = ..., prompt: str | None = ...) -> np.ndarray: ...
+               prompt_name: str | None = ..., prompt: str | None = ..., truncate_dim: int | None = ...,
+               normalize_embeddings: bool | None = ...) -> np.ndarray: ...
     @overload
     def encode(self, texts: Iterable[str], batch_size: int = ..., show_progress: bool = ..., *,
-               prompt_name: str | None = ..., prompt: str | None = ...) -> np.ndarray: ...
+               prompt_name: str | None = ..., prompt: str | None = ..., truncate_dim: int | None = ...,
+               normalize_embeddings: bool | None = ...) -> np.ndarray: ...
 
     def encode(self, texts, batch_size: int = 32, show_progress: bool = False, *,
-               prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
+               prompt_name: str | None = None, prompt: str | None = None, truncate_dim: int | None = None,
+               normalize_embeddings: bool | None = None) -> np.ndarray:
         """Embed `texts` -> float32 [N, dim] in input order; a single str gives [dim].
 
         Prompts as sentence-transformers' `encode`: `prompt` (a string) goes before each text; else the
         model's prompt named `prompt_name`; else the model's default prompt, if it has one (`prompt=""`:
         none). An unknown `prompt_name` is a ValueError naming the known ones.
+        `truncate_dim` / `normalize_embeddings`: as the Encoder's arguments of those names, for this call
+        (None: the Encoder's setting).
         Raises TypeError / ValueError naming the index of a bad text; nothing else is affected.
         In fixed mode the manifest's buckets set the batch sizes and `batch_size` is not used.
         """
+        chosen = resolve_prompt(self.manifest, prompt_name, prompt)
+        if truncate_dim is not None:  # a bad width fails before any text is run
+            check_truncate_dim(truncate_dim, self.manifest.dim)
         if isinstance(texts, str):
-            return self.encode([texts], batch_size, prompt_name=prompt_name, prompt=prompt)[0]
-        return self._encode(texts, batch_size, show_progress, resolve_prompt(self.manifest, prompt_name, prompt))
+            return self._finish(self._encode([texts], batch_size, show_progress, chosen), truncate_dim,
+                                normalize_embeddings)[0]
+        return self._finish(self._encode(texts, batch_size, show_progress, chosen), truncate_dim,
+                            normalize_embeddings)
 
     def _encode(self, texts: Iterable[str], batch_size: int, show_progress: bool, prompt: str | None) -> np.ndarray:
         """`encode` with the prompt already chosen (None: no prompt at all)."""
         check_batch_size(batch_size)
         items = check_texts(texts)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
+        out = np.empty((len(items), self.manifest.dim), dtype=np.float32)
         if not items:
             return out
         todo = range(len(items)) if self.cache is None else self.cache.lookup(prompt, items, out)
@@ -247,7 +293,7 @@ class Encoder:
             return out
         whole = len(todo) == len(items)
         missing = items if whole else [items[i] for i in todo]
-        rows = out if whole else np.empty((len(missing), self.dim), dtype=np.float32)
+        rows = out if whole else np.empty((len(missing), self.manifest.dim), dtype=np.float32)
         # Tokenize in the caller's thread: bad input fails here, alone, and tokenizing overlaps with
         # whatever batch another thread is running.
         with _naming_indices(todo.__getitem__):  # the index in the caller's list, not among the misses
@@ -268,19 +314,25 @@ class Encoder:
 
     def encode_stream(self, texts: Iterable[str], chunk_size: int = 4096, batch_size: int = 32,
                       show_progress: bool = False, total: int | None = None, *, prompt_name: str | None = None,
-                      prompt: str | None = None) -> Iterator[np.ndarray]:
+                      prompt: str | None = None, truncate_dim: int | None = None,
+                      normalize_embeddings: bool | None = None) -> Iterator[np.ndarray]:
         """Embed an iterable of any length chunk by chunk, yielding float32 [<=chunk_size, dim] arrays in
         order. Memory stays bounded by one chunk of texts and embeddings, whatever the input's length.
-        `prompt_name` / `prompt` as in `encode` (an unknown name raises before any text is read)."""
+        `prompt_name` / `prompt`, `truncate_dim` / `normalize_embeddings` as in `encode` (an unknown name or
+        a bad width raises before any text is read)."""
         if isinstance(texts, str):  # iterating it would embed each character
             raise TypeError("encode_stream takes an iterable of texts, not one str: use encode(text), or wrap it "
                             "in a list")
         check_chunk_size(chunk_size)
         chosen = resolve_prompt(self.manifest, prompt_name, prompt)
-        return self._stream(texts, chunk_size, batch_size, show_progress, total, chosen)
+        if truncate_dim is not None:
+            check_truncate_dim(truncate_dim, self.manifest.dim)
+        return self._stream(texts, chunk_size, batch_size, show_progress, total, chosen, truncate_dim,
+                            normalize_embeddings)
 
     def _stream(self, texts: Iterable[str], chunk_size: int, batch_size: int, show_progress: bool,
-                total: int | None, prompt: str | None) -> Iterator[np.ndarray]:
+                total: int | None, prompt: str | None, truncate_dim: int | None = None,
+                normalize: bool | None = None) -> Iterator[np.ndarray]:
         progress = None
         if show_progress:
             from tqdm.auto import tqdm
@@ -289,7 +341,7 @@ class Encoder:
         iterator, offset = iter(texts), 0
         try:
             while chunk := list(itertools.islice(iterator, chunk_size)):
-                yield self._encode_chunk(chunk, offset, batch_size, prompt)
+                yield self._encode_chunk(chunk, offset, batch_size, prompt, truncate_dim, normalize)
                 offset += len(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
@@ -297,9 +349,11 @@ class Encoder:
             if progress is not None:
                 progress.close()
 
-    def _encode_chunk(self, chunk: list[str], offset: int, batch_size: int, prompt: str | None) -> np.ndarray:
+    def _encode_chunk(self, chunk: list[str], offset: int, batch_size: int, prompt: str | None,
+                      truncate_dim: int | None = None, normalize: bool | None = None) -> np.ndarray:
+        """One chunk of a stream, finished with the given (None: the Encoder's) truncate_dim and normalize."""
         with _naming_indices(lambda i: offset + i):  # the index in the whole stream, not in the chunk
-            return self._encode(chunk, batch_size, False, prompt)
+            return self._finish(self._encode(chunk, batch_size, False, prompt), truncate_dim, normalize)
 
     def _submit(self, request: _Request) -> None:
         """Flat combining: whoever holds the run lock runs every pending request's texts as shared

@@ -45,7 +45,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ._cli_options import encoder_options
     from .runtime import Encoder
 
-    enc = Encoder(args.artifact, **encoder_options(args))
+    enc = Encoder(args.artifact, **encoder_options(args), truncate_dim=args.truncate_dim,
+                  normalize_embeddings=args.normalize)
     prompt = {"prompt_name": args.prompt_name, "prompt": args.prompt}
     if args.output is not None:
         if args.texts:
@@ -314,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--output", "-o", default=None, help=".npy or .jsonl (default: JSON lines on stdout)")
     add_encoder_options(emb)
     emb.add_argument("--batch-size", type=int, default=32)
+    emb.add_argument("--truncate-dim", type=int, default=None, metavar="N",
+                     help="keep the first N components of each embedding (Matryoshka models; default: all)")
+    emb.add_argument("--normalize", action="store_true",
+                     help="L2-normalize each embedding after --truncate-dim (as sentence-transformers' "
+                          "normalize_embeddings)")
     emb.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: on for 1,000 texts or more)")
     emb.add_argument("--resume", action="store_true",

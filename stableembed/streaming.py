@@ -118,12 +118,13 @@ def _check_resume(enc: Encoder, out: Path, texts: Iterator[str], done: int, reco
     except (TypeError, ValueError):
         stored = np.empty(0, np.float32)
     if stored.shape != (enc.dim,):
-        raise ValueError(f"cannot resume {out}: its rows hold {stored.size} values, this model's embeddings "
-                         f"{enc.dim}: another model?")
+        raise ValueError(f"cannot resume {out}: its rows hold {stored.size} values, this encoder's embeddings "
+                         f"{enc.dim}: another model or truncate_dim?")
     fresh = enc._encode_chunk([line[0]], done - 1, batch_size, prompt)[0]
     if not np.array_equal(fresh.view(np.uint32), stored.view(np.uint32)):
         raise ValueError(f"cannot resume {out}: its row {done} holds other bits than this encoder gives the same "
-                         f"text: it was embedded with another model, artifact, graph or provider")
+                         f"text: it was embedded with another model, artifact, graph or provider, or another "
+                         f"truncate_dim / normalize_embeddings setting")
     return texts
 
 

@@ -248,7 +248,7 @@ def test_resume_refuses_another_model_or_input(enc, corpus, tmp_path, tiny_bert,
                                          "embedded with another model, artifact, graph or provider"):
         embed_file(_OtherBits(enc), str(path), str(out), resume=True, chunk_size=16)
     tiny = Encoder(tiny_bert)  # another width
-    with pytest.raises(ValueError, match=f"(rows hold 384 values, this model's embeddings {tiny.dim}|"
+    with pytest.raises(ValueError, match=f"(rows hold 384 values, this encoder's embeddings {tiny.dim}|"
                                          f"shape \\(70, 384\\), this run writes float32 \\(70, {tiny.dim}\\))"):
         embed_file(tiny, str(path), str(out), resume=True, chunk_size=16)
     other = tmp_path / "other.txt"
