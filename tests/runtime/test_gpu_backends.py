@@ -17,7 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -299,13 +301,106 @@ def test_onnxruntime_gpu_options(minilm_artifact, monkeypatch, tmp_path) -> None
 class _CpuBoundRunner:
     """Stands in for the CUDA EP's IO-bound runner on CPU: runs the (pinned) session it was given."""
 
-    def __init__(self, session, manifest, shape):
-        self.session, self.output, self.shape, self.used = session, manifest.output, shape, False
+    def __init__(self, session, manifest, shape, graph=False):
+        self.session, self.output, self.shape = session, manifest.output, shape
+
+    def capturing(self):
+        return False
 
     def run(self, feeds):
         assert feeds["input_ids"].shape == self.shape  # filled up to the run shape before binding
-        self.used = True
         return self.session.run([self.output], feeds)[0]
+
+
+class _FakeOrtValue:
+    """A host array standing in for a CUDA OrtValue (no GPU here)."""
+
+    def __init__(self, shape, dtype):
+        self.array = np.zeros(shape, dtype)
+
+    @classmethod
+    def ortvalue_from_shape_and_type(cls, shape, dtype, device, device_id):
+        assert device == "cuda"
+        return cls(shape, dtype)
+
+    def update_inplace(self, array):
+        self.array[...] = array
+
+    def numpy(self):
+        return self.array.copy()
+
+
+class _CaptureSession:
+    """Stands in for a CUDA EP session with IO binding: counts each thread's runs, and with `refuse` fails
+    the run on which onnxruntime captures (the 2nd or the 3rd, by version), as a refused capture does."""
+
+    def __init__(self, dim, refuse_on=None):
+        self.dim, self.refuse_on, self.runs = dim, refuse_on, {}
+        self.inputs, self.output = {}, None
+
+    def get_inputs(self):
+        return [types.SimpleNamespace(shape=["batch", "sequence"])]
+
+    def io_binding(self):
+        session = self
+
+        class Binding:
+            def bind_ortvalue_input(self, name, value):
+                session.inputs[name] = value
+
+            def bind_ortvalue_output(self, name, value):
+                session.output = value
+        return Binding()
+
+    def run_with_iobinding(self, binding):
+        thread = threading.get_ident()
+        self.runs[thread] = self.runs.get(thread, 0) + 1
+        if self.runs[thread] == self.refuse_on:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        ids = self.inputs["input_ids"].array
+        self.output.array[...] = ids.sum(axis=1, keepdims=True).astype(np.float32)  # a row's own result
+
+
+@pytest.mark.parametrize("refuse_on", [2, 3, None])
+def test_a_refused_cuda_graph_capture_falls_back_in_the_call_that_captures(minilm_artifact, monkeypatch,
+                                                                           refuse_on) -> None:
+    """onnxruntime captures on a thread's 2nd or 3rd run, not its first: the first call of a thread on a
+    graph runner runs until the capture is done, so a refused capture fails inside that call, which falls
+    back to a session without graphs (a warning), instead of failing a later batch. A new thread (the
+    graph is per thread) captures again in its own first call."""
+    m = load_manifest(minilm_artifact)
+    made = []
+
+    def fake_session(manifest, providers, threads, pin=None):
+        graph = providers[0][1].get("enable_cuda_graph") == "1"
+        made.append(_CaptureSession(manifest.dim, refuse_on if graph else None))
+        return made[-1]
+
+    monkeypatch.setattr(ort_gpu, "_session", fake_session)
+    monkeypatch.setattr(ort_gpu.ort, "OrtValue", _FakeOrtValue)
+    backend = ort_gpu.OrtGpuBackend(m, "cuda", threads=None)
+    shape = fixed_shape(1, 16, m.fixed_buckets)
+    feeds = {n: np.full((1, 16), 7, np.int64) for n in m.inputs}
+    expected = np.full((shape[0], 1), 7 * 16, np.float32)
+
+    def call():
+        out = backend.run(feeds)
+        assert out.shape == (1, m.dim) and (out == expected[:1]).all()
+
+    if refuse_on is None:
+        call()
+        graph_session = made[-1]
+        assert list(graph_session.runs.values()) == [ort_gpu.CAPTURE_RUNS]  # captured within the first call
+        call()
+        assert list(graph_session.runs.values()) == [ort_gpu.CAPTURE_RUNS + 1]  # then one run a call
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(call).result()  # another thread: its own capture, in its own first call
+        assert sorted(graph_session.runs.values()) == [ort_gpu.CAPTURE_RUNS, ort_gpu.CAPTURE_RUNS + 1]
+        return
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        call()
+    assert backend._fixed[shape].graph is False and not backend._fixed[shape].capturing()
+    call()  # the fallback session serves the next batches
 
 
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
