@@ -84,7 +84,13 @@ class _Embeddings:
         self.config = config
         self.names = names
         self.metrics = metrics
-        self.normalize = bool(getattr(encoder.manifest, "normalize", False))
+        # Whether the rows the encoder returns are unit length, so that `dimensions` normalizes its prefix
+        # again: the model's own normalization, unless the Encoder cuts it (truncate_dim) without
+        # normalizing, or the Encoder's normalize_embeddings.
+        manifest = encoder.manifest
+        cut = getattr(encoder, "truncate_dim", None) not in (None, getattr(manifest, "dim", None))
+        self.normalize = (bool(getattr(encoder, "normalize_embeddings", False))
+                          or (bool(getattr(manifest, "normalize", False)) and not cut))
         self.prompts = model_prompts(encoder.manifest)
         if config.default_prompt_name is not None and config.default_prompt_name not in self.prompts:
             raise ValueError(f"default prompt name {config.default_prompt_name!r} is not one of the model's "
@@ -144,6 +150,8 @@ class _Embeddings:
             status = err.status
             if err.status in (400, 404, 413):
                 m.rejected.labels("invalid").inc()
+            elif err.status == 408:
+                m.rejected.labels("body_timeout").inc()
             return _error_response(err)
         except (_ClientGone, ClientDisconnect):
             status = CLIENT_CLOSED
@@ -181,7 +189,7 @@ class _Embeddings:
         emb = await self.embed(request, req.texts, tokens, prompt)
         emb = truncate_dimensions(emb, req.dimensions, self.normalize)
         out = await _off_loop(len(tokens) > INLINE_ROWS, lambda: response_body(
-            emb, model=self.names[0], encoding_format=req.encoding_format, prompt_tokens=total))
+            emb, model=req.model, encoding_format=req.encoding_format, prompt_tokens=total))
         self.metrics.texts.inc(len(tokens))
         self.metrics.tokens.inc(total)
         return Response(out, media_type=JSON_TYPE)
@@ -194,6 +202,16 @@ class _Embeddings:
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes",
                            param=None, code="request_too_large")
+        # uvicorn sets no limit on reading a body: a client that sends its headers and stalls would hold a
+        # concurrency slot, and count as arriving (every dispatch waiting max_wait for it), for ever.
+        timeout = self.config.body_timeout_s or None
+        try:
+            return await asyncio.wait_for(self._read_body(request, limit), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", param=None,
+                           code="request_timeout") from None
+
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -239,7 +257,7 @@ def create_app(encoder: Any, config: ServeConfig | None = None, model_names: str
                metrics: Metrics | None = None) -> Starlette:
     """An ASGI app serving `encoder` (a stableembed Encoder, or anything with its interface: `encode`,
     `dim`, `tokenizer.encode`, `manifest.normalize`). `model_names`: the names clients may ask for in
-    `model` (the first is echoed back); default: the artifact folder's name."""
+    `model` (a response names the one its request asked for); default: the artifact folder's name."""
     config = config or ServeConfig()
     if model_names is None:
         model_names = [Path(encoder.manifest.folder).name]

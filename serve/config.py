@@ -19,6 +19,7 @@ class ServeConfig:
     max_queue_tokens: int = 1 << 20   # bounded queue: tokens waiting (beyond: 429)
     max_inputs: int = 2048            # texts per request (beyond: 400), as OpenAI
     max_body_bytes: int = 4 << 20     # request body (beyond: 413)
+    body_timeout_s: float = 30.0      # reading one request body (beyond: 408; 0: no limit)
     max_concurrent_requests: int = 256  # requests handled at once (beyond: 503)
     batch_size: int = 32              # Encoder.encode's batch_size
     workers: int = 1                  # batches encoded at once

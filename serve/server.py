@@ -106,6 +106,7 @@ _HELP = {
     "max_queue_tokens": "bounded queue: tokens waiting before 429",
     "max_inputs": "texts per request before 400",
     "max_body_bytes": "request body size before 413",
+    "body_timeout_s": "seconds to read one request body before 408 (0: no limit)",
     "max_concurrent_requests": "requests handled at once before 503",
     "batch_size": "Encoder.encode batch_size",
     "workers": "batches encoded at the same time",

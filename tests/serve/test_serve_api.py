@@ -71,7 +71,7 @@ def test_list_and_str_inputs_default_base64_and_float(client, reference, real_te
     assert same_bits(got, ref[:3]).all()
     # A single string.
     r = client.embeddings.create(model="alias", input=texts[5], encoding_format="float")
-    assert len(r.data) == 1 and r.model == MODEL
+    assert len(r.data) == 1 and r.model == "alias"  # the name the request asked for, as OpenAI echoes it
     assert same_bits(np.array(r.data[0].embedding, dtype=np.float32), ref[5]).all()
 
 
@@ -275,3 +275,29 @@ def test_cache_metrics_count_hits_and_misses(minilm_artifact, reference) -> None
         create_app(enc, model_names=MODEL, metrics=metrics)
     samples = [line for line in metrics.render()[0].decode().splitlines() if line.startswith("stableembed_cache_")]
     assert len(samples) == 3, samples  # hits, misses, entries: once each
+
+
+@pytest.mark.parametrize("settings, unit", [({"truncate_dim": 128}, False),
+                                            ({"truncate_dim": 128, "normalize_embeddings": True}, True),
+                                            ({"truncate_dim": 384}, True)])
+def test_dimensions_renormalize_only_what_the_encoder_returns_unit_length(minilm_artifact, real_texts,
+                                                                         settings, unit) -> None:
+    """An Encoder that cuts its rows (truncate_dim) without normalizing returns rows that are not unit
+    length: `dimensions` then cuts them plainly, as it does for a model without normalization; with
+    normalize_embeddings, or a cut to the full width, it normalizes the prefix again."""
+    from stableembed import Encoder
+    from stableembed.runtime.encoder import finish_rows
+
+    enc = Encoder(minilm_artifact, check_hashes=False, **settings)
+    texts = _texts(real_texts)[:6]
+    served = enc.encode(texts)
+    with BackgroundServer(create_app(enc, model_names=MODEL)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for dims in (None, 64, enc.dim - 1, enc.dim):
+            extra = {} if dims is None else {"dimensions": dims}
+            r = client.embeddings.create(model=MODEL, input=texts, **extra)
+            got = np.array([d.embedding for d in r.data], dtype=np.float32)
+            want = served if dims is None else finish_rows(served, dims, unit and dims != enc.dim)
+            assert same_bits(got, want).all(), dims
+            norms = np.linalg.norm(got, axis=1)
+            assert np.allclose(norms, 1, atol=1e-6) == unit, (dims, norms[:2])

@@ -205,6 +205,26 @@ def test_a_request_refused_while_arriving_stops_the_wait_for_it(serve_encoder) -
         slow.close()
 
 
+def test_a_stalled_body_is_answered_408_and_frees_its_slot(serve_encoder) -> None:
+    """A client that sends its headers and part of its body, then stalls: after body_timeout_s it is
+    answered 408 request_timeout, no longer counted as arriving or in flight, and its concurrency slot
+    (the only one here) serves the next request."""
+    app = create_app(serve_encoder, ServeConfig(body_timeout_s=0.5, max_concurrent_requests=1), model_names=[MODEL])
+    with BackgroundServer(app) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": MODEL, "input": ["never finished"]}).encode()
+        stalled = socket.create_connection((host, int(port)), timeout=30)
+        stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+                        + body[:10])
+        answer = stalled.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        wait_until(lambda: app.state.serving["inflight"] == 0 and app.state.serving["arriving"] == 0)
+        assert _post(srv.url, ["the next request"]).status_code == 200
+        assert _metric(srv.url, 'stableembed_rejected_total{reason="body_timeout"}') == 1
+        stalled.close()
+
+
 def _raw_request(url: str, payload: dict) -> socket.socket:
     """POST on a raw socket, the whole body sent, the answer not read: close it to disconnect."""
     host, port = url.removeprefix("http://").split(":")
