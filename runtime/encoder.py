@@ -360,23 +360,48 @@ class Encoder:
         batches; the others wait for their results or take the lock for the next round."""
         with self._pending_lock:
             self._pending.append(request)
-        while not request.done.is_set():
-            if self._run_lock.acquire(timeout=0.05):
-                try:
-                    if request.done.is_set():  # answered by the round that just ended: leave the next to others
-                        return
-                    with self._pending_lock:
-                        taken = list(self._pending)
-                        self._pending.clear()
-                    if taken:
-                        self._run(taken)
-                finally:
-                    self._run_lock.release()
+        try:
+            while not request.done.is_set():
+                if self._run_lock.acquire(timeout=0.05):
+                    try:
+                        if request.done.is_set():  # answered by the round that just ended: leave the next to others
+                            return
+                        self._run_round(request)
+                    finally:
+                        self._run_lock.release()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt in this thread) while waiting: withdraw the request, so that no
+            # later round computes texts nobody will read.
+            with self._pending_lock:
+                if request in self._pending:
+                    self._pending.remove(request)
+            raise
+
+    def _run_round(self, own: _Request) -> None:
+        """Take every pending request and run them (the run lock held). An exception of the backend goes
+        to every request taken; an interruption of this thread (KeyboardInterrupt, SystemExit) is this
+        caller's alone: the other requests go back to the queue, unanswered, for their own threads."""
+        taken: deque[_Request] = deque()
+        try:
+            with self._pending_lock:
+                taken, self._pending = self._pending, taken  # a swap, no call between the stores
+            if taken:
+                self._run(list(taken))
+        except Exception:
+            raise  # `_run` answered every request taken with it
+        except BaseException:
+            back = [r for r in taken if r is not own and not r.done.is_set()]
+            with self._pending_lock:
+                self._pending.extendleft(reversed(back))
+            raise
 
     def _run(self, requests: list[_Request], progress: bool = False) -> None:
+        """Run `requests` as shared batches and answer each (`done`, with its rows or `error`). On an
+        interruption (a BaseException that is not an Exception) the requests are left unanswered."""
         bar = None
         futures: list[Future] = []
-        try:  # from here on, whatever happens, every request taken is answered (`done`) in `finally`
+        finished = False
+        try:
             # Requests with different prompts share batches: each row carries its own prompt length.
             encodings, prompt_lengths, owners = _distinct_rows(requests)
             if progress:
@@ -397,19 +422,24 @@ class Encoder:
                         req.out[i] = result[row]
                 if bar is not None:
                     bar.update(sum(len(owners[idx]) for idx in batch.indices))
-        except BaseException as exc:  # the backend failed: every request in this round gets the error
+            finished = True
+        except Exception as exc:  # the backend failed: every request in this round gets the error
+            for r in requests:  # first, before any wait below can be interrupted
+                r.error = exc
+            raise
+        finally:
             for f in futures:  # batches not started yet are dropped; running ones finish unread
                 f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    f.exception()  # wait: no run of this round outlives it
-            for r in requests:
-                r.error = exc
-        finally:
-            if bar is not None:
-                bar.close()
-            for r in requests:
-                r.done.set()
+            try:
+                for f in futures:
+                    if not f.cancelled():
+                        f.exception()  # wait: no run of this round outlives it
+            finally:
+                if bar is not None:
+                    bar.close()
+                for r in requests:  # answered: with all its rows, or with the error; never half-written
+                    if finished or r.error is not None:
+                        r.done.set()
 
     def _run_batch(self, encodings: list[Encoding], batch: Batch, prompt_lengths: list[int]) -> np.ndarray:
         return self.backend.run(self.tokenizer.feeds(encodings, batch, prompt_lengths))

@@ -75,10 +75,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if path.parent != folder or Path(name).is_absolute() or "/" in name or "\\" in name:
+    """`folder / name` for a plain file name. The name is checked, not the path it resolves to: a file
+    may be a symlink (a Hugging Face snapshot's files point into its blob store); its sha256 guards it."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+            or Path(name).is_absolute()):
         raise ArtifactError(f"manifest names a file outside the artifact folder: {name!r}")
-    return path
+    return folder / name
 
 
 def check_sha256(path: Path, name: str, expected: str, rehash: bool = False) -> None:
@@ -108,26 +110,31 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ArtifactError(f"{mfile} is not a {FORMAT} manifest")
     version = raw.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ArtifactError(f"{mfile} has format version {version}; this stableembed reads version "
                             f"{FORMAT_VERSION} and older: upgrade stableembed to load it")
-    files = raw.get("files", {})
-    weights = (raw.get("weights") or {}).get("file")
-    cpu = raw.get("cpu_graph") or {}
-    cpu_model = cpu.get("file")
-    cpu_weights = (cpu.get("weights") or {}).get("own", {}).get("file") if cpu_model else None
-    for name in (MODEL, "tokenizer.json") + tuple(n for n in (weights, cpu_model, cpu_weights) if n):
-        if name not in files:
-            raise ArtifactError(f"{mfile} lists no {name}")
-    for name, meta in files.items():
-        path = _inside(folder, name)
-        if not path.is_file():
-            raise ArtifactError(f"artifact file {name} is missing from {folder}")
-        if path.stat().st_size != meta["bytes"]:
-            raise ArtifactError(f"artifact file {name} is damaged or truncated: {path.stat().st_size} bytes, "
-                                f"manifest says {meta['bytes']}")
-        if check_hashes:
-            check_sha256(path, name, meta["sha256"], rehash)
+    try:
+        files = raw.get("files", {})
+        weights = (raw.get("weights") or {}).get("file")
+        cpu = raw.get("cpu_graph") or {}
+        cpu_model = cpu.get("file")
+        cpu_weights = (cpu.get("weights") or {}).get("own", {}).get("file") if cpu_model else None
+        for name in (MODEL, "tokenizer.json") + tuple(n for n in (weights, cpu_model, cpu_weights) if n):
+            if name not in files:
+                raise ArtifactError(f"{mfile} lists no {name}")
+        for name, meta in files.items():
+            path = _inside(folder, name)
+            if not path.is_file():
+                raise ArtifactError(f"artifact file {name} is missing from {folder}")
+            if path.stat().st_size != meta["bytes"]:
+                raise ArtifactError(f"artifact file {name} is damaged or truncated: {path.stat().st_size} "
+                                    f"bytes, manifest says {meta['bytes']}")
+            if check_hashes:
+                check_sha256(path, name, meta["sha256"], rehash)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a files record of the wrong shape
+        raise ArtifactError(f"{mfile} has a bad files record: {exc!r}") from exc
     try:
         return Manifest(
             folder=folder,
@@ -135,8 +142,8 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
             tokenizer_file=folder / "tokenizer.json",
             inputs=tuple(raw["inputs"]),
             output=raw["output"],
-            dim=int(raw["dim"]),
-            max_length=int(raw["max_length"]),
+            dim=_positive(raw["dim"], "dim"),
+            max_length=_positive(raw["max_length"], "max_length"),
             lowercase=bool(raw.get("lowercase", False)),
             pooling=tuple(raw["pooling"]),
             normalize=bool(raw["normalize"]),
@@ -150,6 +157,12 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _prompt_fields(raw: dict[str, Any]) -> dict[str, Any]:

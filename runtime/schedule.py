@@ -53,6 +53,9 @@ def plan_dynamic(lengths: Sequence[int], batch_size: int, max_tokens: int | None
 def check_buckets(buckets: Sequence[Sequence[int]], max_length: int) -> None:
     """ValueError unless the fixed buckets' lengths reach max_length and none goes beyond it: texts are
     truncated to max_length, and the graph's pooling trees are built that deep, no deeper."""
+    for b, t in buckets:  # a bucket of no rows would plan batches of no texts, for ever
+        if int(b) < 1 or int(t) < 1:
+            raise ValueError(f"fixed bucket {b}x{t} must have at least one row and one token")
     lengths = [int(t) for _, t in buckets]
     if not lengths or max(lengths) < max_length:
         raise ValueError(f"fixed buckets must include the length max_length ({max_length})")

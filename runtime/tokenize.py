@@ -93,6 +93,15 @@ def _prefix_holds(enc: Encoding) -> bool:
     return bool(kept) and bool(rest) and rest[-1] > kept[-1]
 
 
+def _check_utf8(text: str, index: int) -> None:
+    """ValueError naming `index` when `text` cannot be encoded as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text at index {index} cannot be encoded as UTF-8 ({exc.reason} at character "
+                         f"{exc.start})") from None
+
+
 class TextTokenizer:
     """Lowercases when the model asks, truncates to max_length: as sentence-transformers 6 tokenizes
     (no stripping: for byte-level BPE models leading and trailing spaces are tokens)."""
@@ -118,11 +127,7 @@ class TextTokenizer:
             return self.tokenizer.encode_batch(texts)
         except Exception:
             for i, t in enumerate(texts):  # find the culprit and name it
-                try:
-                    t.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise ValueError(f"text at index {i} cannot be encoded as UTF-8 ({exc.reason} at "
-                                     f"character {exc.start})") from None
+                _check_utf8(t, i)
             raise
 
     def prompt_length(self, prompt: str | None) -> int:
@@ -143,6 +148,8 @@ class TextTokenizer:
         prepared = self._prepare(texts)
         limit, read_limit = self.max_length * CUT_RATIO, self.max_length * READ_RATIO
         cut = {i: limit for i, t in enumerate(prepared) if len(t) > limit}
+        for i in cut:  # tokenized from a prefix: its tail must still be valid text, checked here by its index
+            _check_utf8(prepared[i], i)
         encodings = self._encode_batch([_cut(t, limit) for t in prepared])
         while cut:  # a prefix that does not prove its tokens grows, in the end to the whole text
             grow = {}

@@ -304,3 +304,132 @@ def test_a_caller_whose_result_is_ready_does_not_run_the_next_round(minilm_artif
     time.sleep(0.2)
     assert not late.done.is_set() and runs == ["MainThread"], runs  # the waiter ran nothing
     assert list(enc._pending) == [late]
+
+
+@pytest.mark.parametrize("huge", ["word " * 12_000 + "\ud800", "a" * 20_000 + "\ud800"])
+def test_a_lone_surrogate_past_a_huge_texts_prefix_names_its_index(enc, huge) -> None:
+    """Huge texts are tokenized from a prefix; a lone surrogate after it is still refused, by the text's
+    own index (in a list, and in a stream)."""
+    with pytest.raises(ValueError, match="text at index 2 cannot be encoded as UTF-8"):
+        enc.encode(["ok", "fine", huge])
+    with pytest.raises(ValueError, match="text at index 5 cannot be encoded as UTF-8"):
+        list(enc.encode_stream(["ok"] * 5 + [huge], chunk_size=4))
+
+
+def _queued_by_another_thread(enc: Encoder, texts: list[str], pool: ThreadPoolExecutor):
+    """A worker's `encode(texts)`, left waiting in the queue: the caller holds the run lock."""
+    before = len(enc._pending)
+    future = pool.submit(enc.encode, texts)
+    deadline = time.monotonic() + 30
+    while len(enc._pending) == before:
+        assert time.monotonic() < deadline, "the worker's request never queued"
+        time.sleep(0.005)
+    return future
+
+
+def test_an_interrupt_while_combining_is_the_combining_callers_alone(minilm_artifact, real_texts,
+                                                                     monkeypatch) -> None:
+    """A KeyboardInterrupt in the thread that runs a round (the main thread, where Python delivers it)
+    goes to that caller; the other callers' requests go back to the queue and are answered with their
+    exact rows by their own threads."""
+    enc = Encoder(minilm_artifact, check_hashes=False)
+    mine, theirs = real_texts[:3], real_texts[3:9]
+    ref = enc.encode(theirs)
+    real, calls = enc.backend.run, []
+
+    def interrupted(feeds):
+        calls.append(threading.current_thread() is threading.main_thread())
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(feeds)
+
+    monkeypatch.setattr(enc.backend, "run", interrupted)
+    from stableembed.runtime.encoder import _Request
+
+    with ThreadPoolExecutor(1) as pool:
+        enc._run_lock.acquire()
+        try:
+            theirs_future = _queued_by_another_thread(enc, theirs, pool)
+            own = _Request(enc.tokenizer.encode(mine), 32, np.empty((3, enc.dim), np.float32))
+            enc._pending.append(own)
+            with pytest.raises(KeyboardInterrupt):
+                enc._run_round(own)  # this thread combines the round: both requests, one batch
+            assert list(enc._pending) != [] and own not in enc._pending and not own.done.is_set()
+        finally:
+            enc._run_lock.release()
+        assert same_bits(theirs_future.result(60), ref).all()
+    assert calls[0] is True and calls[1:] and not any(calls[1:])  # the rest ran in the worker's thread
+    assert not enc._pending
+
+
+def test_a_second_interrupt_never_answers_with_unwritten_rows(minilm_artifact, real_texts, monkeypatch) -> None:
+    """With parallel runs, a failed batch's round waits for its running batches; a KeyboardInterrupt during
+    that wait must still leave every request answered with the backend's error, not with the rows it
+    never wrote (which the cache would then keep)."""
+    import concurrent.futures
+
+    enc = Encoder(minilm_artifact, check_hashes=False, parallel_runs=2, threads=1, cache_size=64)
+    theirs = real_texts[:40]
+
+    def failing(feeds):
+        raise RuntimeError("the backend failed")
+
+    monkeypatch.setattr(enc.backend, "run", failing)
+    real_exception = concurrent.futures.Future.exception
+
+    def interrupted_wait(self, timeout=None):
+        monkeypatch.setattr(concurrent.futures.Future, "exception", real_exception)
+        raise KeyboardInterrupt
+
+    from stableembed.runtime.encoder import _Request
+
+    with ThreadPoolExecutor(1) as pool:
+        enc._run_lock.acquire()
+        try:
+            theirs_future = _queued_by_another_thread(enc, theirs, pool)
+            own = _Request(enc.tokenizer.encode(real_texts[40:80]), 4, np.empty((40, enc.dim), np.float32))
+            enc._pending.append(own)
+            monkeypatch.setattr(concurrent.futures.Future, "exception", interrupted_wait)
+            with pytest.raises(KeyboardInterrupt):
+                enc._run_round(own)
+        finally:
+            enc._run_lock.release()
+        with pytest.raises(RuntimeError, match="the backend failed"):
+            theirs_future.result(60)
+    assert enc.cache.info().size == 0
+    monkeypatch.undo()
+    assert same_bits(enc.encode(theirs[:2]), Encoder(minilm_artifact, check_hashes=False).encode(theirs[:2])).all()
+
+
+def test_an_interrupted_waiter_withdraws_its_request(minilm_artifact, monkeypatch) -> None:
+    """A caller interrupted while it waits for a round (here: the run lock held elsewhere) takes its request
+    out of the queue: the next call runs its own texts only."""
+    import signal
+
+    enc = Encoder(minilm_artifact, check_hashes=False)
+    runs = []
+    real = enc.backend.run
+    monkeypatch.setattr(enc.backend, "run", lambda feeds: runs.append(feeds["input_ids"].shape[0]) or real(feeds))
+    holder = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with enc._run_lock:
+            holder.set()
+            release.wait(30)
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(hold)
+        assert holder.wait(30)
+        timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                enc.encode([f"abandoned text {i}" for i in range(50)])
+        finally:
+            timer.cancel()
+            release.set()
+            held.result(30)
+    assert not enc._pending
+    enc.encode("the next call")
+    assert runs == [1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -87,4 +88,44 @@ def test_paths_cannot_escape(copy, name) -> None:
 def test_damaged_json(copy) -> None:
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="damaged"):
+        Encoder(copy)
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_dot_names_cannot_escape(copy, name) -> None:
+    _edit_manifest(copy, lambda r: r["files"].update({name: {"bytes": 1, "sha256": "0"}}))
+    with pytest.raises(ArtifactError, match="outside the artifact folder"):
+        Encoder(copy)
+
+
+def test_files_may_be_symlinks_their_hashes_guard_them(minilm_artifact, tmp_path) -> None:
+    """A Hugging Face snapshot's files are symlinks into a blob store: an artifact laid out that way loads
+    and gives the same bits; a symlink to other bytes is refused by its hash."""
+    blobs, art = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    art.mkdir()
+    for f in minilm_artifact.iterdir():
+        shutil.copy2(f, blobs / f.name)
+        (art / f.name).symlink_to(blobs / f.name)
+    texts = ["a symlinked artifact", "second"]
+    assert (Encoder(art).encode(texts).view("uint32") == Encoder(minilm_artifact).encode(texts).view("uint32")).all()
+    (art / "tokenizer.json").unlink()
+    other = blobs / "other.json"
+    other.write_bytes((blobs / "tokenizer.json").read_bytes().replace(b'"', b"'", 1)[:-1] + b" ")
+    (art / "tokenizer.json").symlink_to(other)
+    with pytest.raises(ArtifactError, match="tokenizer.json does not match its sha256"):
+        Encoder(art)
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda r: r["files"]["tokenizer.json"].pop("sha256"), "bad files record"),
+    (lambda r: r.update(files=list(r["files"])), "bad files record"),
+    (lambda r: r.update(format_version=True), "format version True"),
+    (lambda r: r.update(format_version=-7), "format version -7"),
+    (lambda r: r.update(max_length=0), "max_length must be a positive int, got 0"),
+    (lambda r: r.update(dim=2.5), "dim must be a positive int, got 2.5"),
+])
+def test_bad_fields_are_artifact_errors(copy, edit, what) -> None:
+    _edit_manifest(copy, edit)
+    with pytest.raises(ArtifactError, match=re.escape(what)):
         Encoder(copy)

@@ -86,3 +86,6 @@ def test_fixed_buckets_must_reach_max_length_and_not_pass_it() -> None:
         check_buckets([(8, 16), (1, 128)], 256)
     with pytest.raises(ValueError, match=r"bucket length 512 is beyond max_length \(256\)"):
         check_buckets([(8, 16), (1, 256), (1, 512)], 256)
+    for bad in ([(0, 256)], [(-4, 256)], [(8, 16), (0, 256)], [(8, 0), (1, 256)]):  # planning would never end
+        with pytest.raises(ValueError, match="must have at least one row and one token"):
+            check_buckets(bad, 256)
