@@ -62,7 +62,9 @@ def export_model(
 
     The graph takes input_ids, attention_mask (and token_type_ids when the model uses them) and returns
     `sentence_embedding` with pooling, Dense layers and normalization inside. Writing is atomic.
-    With `parity`, the export compares itself with sentence-transformers and records the figures.
+    With `parity`, the export compares itself with sentence-transformers (torch float32), records the
+    figures and fails (ValueError) outside PARITY_TOLERANCE; an int8 export holds the float32 graph it
+    quantizes to that bound and only records its own figures (int8 is judged by quality, not fp32 bars).
     precision "int8" (see export/quantize.py) calibrates on `calibration_texts` (default: even lines of
     the bundled sample) and, with `parity`, records its quality against float32 sentence-transformers on
     `quality_texts` (default: the odd lines, held out from calibration).
@@ -86,6 +88,10 @@ def export_model(
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         src.max_length = int(max_length)
+    elif src.max_length is None:
+        raise ValueError(f"{src.transformer_path}: no maximum length in its sentence-transformers config, "
+                         f"tokenizer_config.json (model_max_length) or config.json (max_position_embeddings); "
+                         f"pass max_length (--max-length)")
     check_positions(src.config, family, src.max_length, where=str(src.transformer_path / "config.json"))
     bucket_list = [list(map(int, b)) for b in buckets] if buckets else default_buckets(src.max_length)
     check_buckets(bucket_list, src.max_length)
@@ -126,7 +132,11 @@ def export_model(
             "default_prompt_name": src.default_prompt_name,
             "include_prompt": src.include_prompt,
             "max_length": src.max_length,
-            "lowercase": src.lowercase,
+            # "argument": chosen at export, so a parity check truncates the reference there too; "model":
+            # the model's own, which sentence-transformers must then use as well
+            "max_length_source": "model" if max_length is None else "argument",
+            # do_lower_case is a normalizer in tokenizer.json (export/tokenizer.py): no Python lowercasing
+            "lowercase": False,
             "tokenizer": tokenizer,
             "pad_id": int(cfg.get("pad_token_id") or 0),
             "precision": precision,
@@ -138,6 +148,10 @@ def export_model(
             "exported_on": _machine(),
         }
         write_manifest(tmp, manifest)
+        reference = _reference(src, max_length is not None, trust_remote_code) if parity else None
+        fp32_figures = None
+        if precision == "int8" and parity:  # the graph being quantized must pass the float32 bars first
+            fp32_figures = _check_parity(_measure_parity(tmp, reference), "the float32 graph, before int8 quantization")
         if precision == "int8":
             _quantize_int8(tmp, src, manifest, calibration_texts, quality_texts, parity, trust_remote_code)
         # Last: everything above reads and rewrites a self-contained model.onnx; parity then measures
@@ -149,7 +163,12 @@ def export_model(
             manifest["format_version"] = FORMAT_VERSION
         write_manifest(tmp, manifest)
         if parity:
-            manifest["parity"] = _measure_parity(tmp, src, trust_remote_code)
+            figures = _measure_parity(tmp, reference)
+            if fp32_figures is None:
+                _check_parity(figures, "the artifact")
+            else:
+                figures["fp32_before_int8"] = {k: fp32_figures[k] for k in ("min_cosine", "max_abs_diff")}
+            manifest["parity"] = figures
             write_manifest(tmp, manifest)
     return load_manifest(out)
 
@@ -187,16 +206,37 @@ def _quantize_int8(folder: Path, src: Source, manifest: dict, calibration_texts:
         write_manifest(folder, manifest)
 
 
-def _measure_parity(folder: Path, src: Source, trust_remote_code: bool = False) -> dict:
+def _reference(src: Source, set_max_length: bool, trust_remote_code: bool = False) -> tuple:
+    """(texts, sentence-transformers' embeddings of them, its name): the bundled sample, torch float32."""
     from ..data import sample_texts
-    from ..runtime import Encoder
-    from ..runtime.verify import bits_sha256
-    from .parity import parity_figures, reference_embeddings
+    from .parity import reference_embeddings
 
     texts = sample_texts()
+    emb, name = reference_embeddings(src.path, texts, src.max_length, trust_remote_code=trust_remote_code,
+                                     set_max_length=set_max_length)
+    return texts, emb, name
+
+
+def _measure_parity(folder: Path, reference: tuple) -> dict:
+    from ..runtime import Encoder
+    from ..runtime.verify import bits_sha256
+    from .parity import parity_figures
+
+    texts, ref, name = reference
     ours = Encoder(folder).encode(texts)
-    ref, name = reference_embeddings(src.path, texts, src.max_length, trust_remote_code=trust_remote_code)
     # The bits are this machine type's (its ISA picks onnxruntime's kernels): `stableembed verify`
     # compares its own sample fingerprint with this one and says whether the machine type differs.
     return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
             **parity_figures(ours, ref), "sample_bits_sha256": bits_sha256(ours), "provider": "cpu"}
+
+
+def _check_parity(figures: dict, what: str) -> dict:
+    """`figures`, or a ValueError when they lie outside PARITY_TOLERANCE: the export then writes nothing."""
+    from .parity import PARITY_TOLERANCE
+
+    if not PARITY_TOLERANCE.accepts(figures):
+        raise ValueError(f"parity with {figures['reference']} failed for {what}: min cosine "
+                         f"{figures['min_cosine']:.8f}, max |diff| {figures['max_abs_diff']:.2e} on "
+                         f"{figures['texts']} sample texts, outside PARITY_TOLERANCE ({PARITY_TOLERANCE}); "
+                         f"nothing was written (parity=False / --no-parity exports without this check)")
+    return figures

@@ -342,15 +342,16 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 def reference_batched(model_path: Path, texts: Sequence[str], max_length: int, batch_size: int = 32,
-                      trust_remote_code: bool = False) -> tuple[np.ndarray, str]:
+                      trust_remote_code: bool = False, set_max_length: bool = True) -> tuple[np.ndarray, str]:
     """sentence-transformers (torch, float32) embeddings in batches: for quality figures over many texts
-    (padding moves torch's results by ~1e-7, far below what int8 changes)."""
-    st = require("sentence_transformers", "export")
-    model = st.SentenceTransformer(str(model_path), device="cpu", trust_remote_code=trust_remote_code,
-                                   local_files_only=True)
-    model.max_seq_length = max_length
+    (padding moves torch's results by ~1e-7, far below what int8 changes). `set_max_length` as in
+    parity.load_reference."""
+    from .parity import load_reference
+
+    model, version = load_reference(model_path, max_length, set_max_length=set_max_length,
+                                    trust_remote_code=trust_remote_code)
     emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    return np.asarray(emb, dtype=np.float32), f"sentence-transformers {st.__version__} (torch float32)"
+    return np.asarray(emb, dtype=np.float32), f"sentence-transformers {version} (torch float32)"
 
 
 def quality_figures(folder: Path, model_path: Path, texts: Sequence[str], max_length: int,

@@ -21,6 +21,14 @@ POOLING_NAMES = {"mean_sqrt_len_tokens": "mean_sqrt_len"}
 # Models whose position ids start after the padding index, so two positions are unusable.
 OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "xlm-roberta-xl"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The Transformer module's config, under the names sentence-transformers 6 tries, in its order (the first
+# that exists and is not empty wins; the legacy names come from its model-specific predecessors).
+ST_CONFIG_NAMES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+                   "sentence_camembert_config.json", "sentence_albert_config.json",
+                   "sentence_xlm-roberta_config.json", "sentence_xlnet_config.json")
+# processing_kwargs keys a text model may set: "max_length" changes the truncation, these others change nothing
+# the artifact computes. Any other key could change the tokens and is refused.
+PROCESSING_KEYS = {"max_length", "padding", "return_tensors"}
 # Config keys some architectures spell differently (DistilBERT: dim, n_layers, n_heads).
 CONFIG_ALIASES = {"hidden_size": ("dim", "d_model"), "num_hidden_layers": ("n_layers", "num_layers"),
                   "num_attention_heads": ("n_heads", "num_heads")}
@@ -49,7 +57,7 @@ class Source:
     pooling: list[str]
     normalize: bool
     dense: list[DenseSpec] = field(default_factory=list)
-    max_length: int = 512
+    max_length: int | None = 512  # None: nothing in the folder bounds it (export then needs max_length)
     lowercase: bool = False
     # sentence-transformers' prompts (config_sentence_transformers.json) and Pooling's include_prompt
     prompts: dict[str, str] = field(default_factory=dict)
@@ -114,14 +122,51 @@ def position_limit(config: dict) -> int:
     return limit
 
 
-def default_max_length(folder: Path, config: dict) -> int:
-    limit = position_limit(config)
+def default_max_length(folder: Path, config: dict, processor_kwargs: dict | None = None,
+                       max_seq_length: int | None = None) -> int | None:
+    """The tokenizer's model_max_length as sentence-transformers 6's Transformer module sets it: the
+    processor_kwargs' `model_max_length`, else `max_seq_length`, else tokenizer_config.json's
+    model_max_length capped at config.json's max_position_embeddings. None when nothing bounds it."""
+    kwargs = processor_kwargs or {}
+    if "model_max_length" in kwargs:
+        return int(kwargs["model_max_length"])
+    if max_seq_length is not None:
+        return int(max_seq_length)
     tok_cfg = folder / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        mml = _read_json(tok_cfg).get("model_max_length")
-        if isinstance(mml, (int, float)) and 0 < mml < limit:
-            limit = int(mml)
-    return limit
+    mml = _read_json(tok_cfg).get("model_max_length") if tok_cfg.is_file() else None
+    limit = mml if isinstance(mml, (int, float)) and 0 < mml < 1e12 else None  # transformers' "no limit" is 1e30
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions != -1:
+        limit = positions if limit is None else min(limit, positions)
+    return None if limit is None else int(limit)
+
+
+def _st_config(folder: Path) -> tuple[Path, dict]:
+    """(file, contents) of the Transformer module's config, found as sentence-transformers 6 finds it."""
+    for name in ST_CONFIG_NAMES:
+        path = folder / name
+        cfg = _read_json(path) if path.is_file() else {}
+        if cfg:
+            return path, cfg
+    return folder / ST_CONFIG_NAMES[0], {}
+
+
+def _processing_max_length(cfg: dict, where: Path) -> int | None:
+    """The max_length the Transformer's `processing_kwargs` gives text tokenization: "common" wins over
+    "text", as sentence-transformers merges them into the tokenizer call; None when neither sets one."""
+    kwargs = cfg.get("processing_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: processing_kwargs must be an object")
+    found = None
+    for key in ("text", "common"):
+        part = kwargs.get(key) or {}
+        unknown = sorted(set(part) - PROCESSING_KEYS) if isinstance(part, dict) else [repr(part)]
+        if unknown:
+            raise ValueError(f"{where}: processing_kwargs.{key} {', '.join(unknown)} is not supported "
+                             f"(only {', '.join(sorted(PROCESSING_KEYS))})")
+        if part.get("max_length") is not None:
+            found = int(part["max_length"])
+    return found
 
 
 def _pooling_modes(cfg: dict) -> list[str]:
@@ -160,8 +205,14 @@ def read_source(path: str | Path) -> Source:
     include_prompt = True
     normalize = False
     dense: list[DenseSpec] = []
-    for module in _read_json(modules_file):
+    modules = _read_json(modules_file)
+    order = ", ".join(m["type"].rsplit(".", 1)[-1] for m in modules)
+    for module in modules:
         kind = module["type"].rsplit(".", 1)[-1]
+        if normalize and kind != "Normalize":
+            # the graph normalizes last, after every Dense layer: another order would be another model
+            raise ValueError(f"{modules_file}: a {kind} module follows Normalize (order: {order}); only Normalize "
+                             f"as the last module is supported")
         folder = (root / module.get("path", "")).resolve()
         if root not in (folder, *folder.parents):
             raise ValueError(f"modules.json points outside the model folder: {module.get('path')!r}")
@@ -190,30 +241,39 @@ def read_source(path: str | Path) -> Source:
     if transformer_path is None:
         raise ValueError(f"{modules_file} names no Transformer module")
     config = _read_json(transformer_path / "config.json")
-    st_cfg_file = transformer_path / "sentence_bert_config.json"
-    st_cfg = _read_json(st_cfg_file) if st_cfg_file.is_file() else {}
-    max_length = st_cfg.get("max_seq_length") or default_max_length(transformer_path, config)
+    st_cfg_file, st_cfg = _st_config(transformer_path)
     if st_cfg.get("tokenizer_name_or_path") is not None:
         raise ValueError(f"{st_cfg_file}: tokenizer_name_or_path={st_cfg['tokenizer_name_or_path']!r} is not "
                          f"supported (the tokenizer must be the Transformer folder's own)")
-    tok_kwargs = st_cfg.get("processor_kwargs") or st_cfg.get("tokenizer_args") or {}
+    # sentence-transformers renames the legacy tokenizer_args to processor_kwargs, replacing any given
+    tok_kwargs = st_cfg["tokenizer_args"] if "tokenizer_args" in st_cfg else st_cfg.get("processor_kwargs")
+    tok_kwargs = tok_kwargs or {}
     if not isinstance(tok_kwargs, dict):
         raise ValueError(f"{st_cfg_file}: processor_kwargs / tokenizer_args must be an object")
+    max_length = _processing_max_length(st_cfg, st_cfg_file) or default_max_length(
+        transformer_path, config, tok_kwargs, st_cfg.get("max_seq_length"))
     prompts, default_prompt = _prompts(root)
     return Source(root, "sentence-transformers", transformer_path, config, pooling or ["mean"], normalize, dense,
-                  int(max_length), bool(st_cfg.get("do_lower_case", False)),
+                  max_length, bool(st_cfg.get("do_lower_case", False)),
                   prompts=prompts, default_prompt_name=default_prompt, include_prompt=include_prompt,
                   tokenizer_kwargs=dict(tok_kwargs))
 
 
 def _prompts(root: Path) -> tuple[dict[str, str], str | None]:
     """`prompts` and `default_prompt_name` from config_sentence_transformers.json, checked as
-    sentence-transformers checks them when it loads the model."""
+    sentence-transformers checks them when it loads the model; a `truncate_dim` there is refused."""
     cfg_file = root / "config_sentence_transformers.json"
     cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
     prompts = cfg.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
         raise ValueError(f"{cfg_file}: `prompts` must map names to prompt strings")
+    if cfg.get("truncate_dim") is not None:
+        # sentence-transformers' encode then returns only the first truncate_dim components; an artifact
+        # answering at full width by default would be another model's output
+        n = cfg["truncate_dim"]
+        raise ValueError(f"{cfg_file}: truncate_dim {n!r} is not supported at export (sentence-transformers returns "
+                         f"each embedding's first {n} components, the artifact would return all of them); "
+                         f"remove it from the file and pass truncate_dim={n} to Encoder (--truncate-dim {n} on embed)")
     default = cfg.get("default_prompt_name")
     if default is not None and default not in prompts:
         raise ValueError(f"{cfg_file}: default_prompt_name {default!r} is not one of the prompts "

@@ -6,7 +6,9 @@ of the pipeline from tokenizer_config.json (`do_lower_case`, `add_bos_token` / `
 `add_prefix_space`) or from the keyword arguments sentence_bert_config.json passes. The runtime reads
 tokenizer.json with the `tokenizers` library alone, so the export checks, text by text, that the file it
 ships gives the ids transformers gives, and ships transformers' own pipeline where the folder's file
-does not.
+does not. sentence-transformers' own `do_lower_case` is a Lowercase normalizer it puts in front of the
+tokenizer's: the shipped tokenizer.json gets the same one, so the runtime needs no Python lowercasing
+(str.lower() differs from it on a word-final capital sigma and on special-token literals such as "[SEP]").
 """
 
 from __future__ import annotations
@@ -24,18 +26,35 @@ PROBES = (
     "Hello World", "HELLO world, Hello WORLD!", "  leading and trailing spaces  ", "tab\tand\nnewline",
     "Ünïcödé àccents: naïve café, Straße, İstanbul", "中文字符和日本語のテキスト", "emoji 🙂🚀 and symbols ©®™",
     "word" * 40, "to\x1cgether and zero\u200bwidth", "",
+    # a word-final capital sigma and special-token literals: where str.lower() and a Lowercase normalizer part
+    "ΟΔΟΣ ΑΘΗΝΑΣ, Σ", "A [SEP] B [CLS] <s> </s> [MASK]",
 )
 
 
 def probe_texts(lowercase: bool, prompts: Sequence[str] = ()) -> list[str]:
     """The texts both tokenizers must agree on: the bundled sample and PROBES, the model's prompts before
-    a question (as sentence-transformers joins them), and one text far beyond any max_length; lowercased
-    as the runtime lowercases them for a model with do_lower_case."""
+    a question (as sentence-transformers joins them), and one text far beyond any max_length; with
+    `lowercase`, lowercased as the runtime lowercases them for an artifact whose manifest says lowercase
+    (older exports; new ones lowercase in tokenizer.json's normalizer)."""
     from ..data import sample_texts
 
     texts = list(sample_texts()) + list(PROBES) + [" ".join(f"token{i} Word{i}" for i in range(2000))]
     texts += [p + "What is the capital of France?" for p in prompts if p]
     return [t.lower() for t in texts] if lowercase else texts
+
+
+def lowercase_as_sentence_transformers(tokenizer) -> None:
+    """Put a Lowercase normalizer in front of `tokenizer`'s (a `tokenizers.Tokenizer`), as
+    sentence-transformers 6's Transformer module does for do_lower_case: unless the normalizer is a
+    Lowercase or a Sequence holding one at its top level."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    normalizer = tokenizer.normalizer
+    if isinstance(normalizer, Lowercase) or (isinstance(normalizer, Sequence)
+                                             and any(isinstance(n, Lowercase) for n in normalizer)):
+        return
+    rest = list(normalizer) if isinstance(normalizer, Sequence) else [] if normalizer is None else [normalizer]
+    tokenizer.normalizer = Sequence([Lowercase(), *rest])
 
 
 def tokenizer_kwargs(src: Source) -> dict:
@@ -72,16 +91,30 @@ def write_tokenizer(src: Source, dest: Path, trust_remote_code: bool = False) ->
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"{folder}: transformers loads a slow (Python) tokenizer ({type(hf).__name__}); "
                          f"the runtime needs a fast one (tokenizer.json)")
+    if getattr(hf, "truncation_side", "right") != "right":
+        raise ValueError(f"{folder}: truncation_side {hf.truncation_side!r} (tokenizer_config.json or "
+                         f"processor_kwargs) is not supported: the runtime keeps a long text's first tokens")
+    if src.lowercase:
+        lowercase_as_sentence_transformers(hf.backend_tokenizer)
     # Serialized before it is called: a call sets truncation and padding on the backend.
     rebuilt = hf.backend_tokenizer.to_str()
-    texts = probe_texts(src.lowercase, list(src.prompts.values()))
+    texts = probe_texts(False, list(src.prompts.values()))
     expected = [hf(t, truncation=True, max_length=src.max_length)["input_ids"] for t in texts]
     record = {"checked_texts": len(texts), "reference": f"transformers {transformers.__version__} "
                                                         f"{type(hf).__name__}"}
+    if src.lowercase:
+        record["lowercase"] = "do_lower_case: a Lowercase normalizer in front, as sentence-transformers adds it"
     own = folder / "tokenizer.json"
     why = f"{folder} has no tokenizer.json"
     if own.is_file():
-        shutil.copyfile(own, dest)
+        if src.lowercase:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(own))
+            lowercase_as_sentence_transformers(tok)
+            dest.write_text(tok.to_str(), encoding="utf-8")
+        else:
+            shutil.copyfile(own, dest)
         diff = first_difference(dest, texts, expected, src.max_length)
         if diff is None:
             return {"from": "tokenizer.json", **record}

@@ -206,7 +206,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         source = Path(args.parity)
         # the artifact records whether its export ran the model's own code; the reference then must too
         remote = bool(manifest.raw.get("architecture", {}).get("remote_code"))
-        ref, name = reference_embeddings(source, texts, manifest.max_length, trust_remote_code=remote, **prompt)
+        # a max_length chosen at export (or not recorded: older artifacts) is imposed on the reference;
+        # the model's own must be sentence-transformers' too
+        chosen_length = manifest.raw.get("max_length_source") != "model"
+        ref, name = reference_embeddings(source, texts, manifest.max_length, trust_remote_code=remote,
+                                         set_max_length=chosen_length, **prompt)
         p = parity_figures(Encoder(args.artifact, provider=args.provider).encode(texts, **prompt), ref)
         good = PARITY_TOLERANCE.accepts(p)
         ok = ok and good
