@@ -23,6 +23,8 @@ from .config import ServeConfig
 
 
 def _uvicorn() -> Any:
+    for module in ("starlette", "prometheus_client"):  # the rest of the extra, named if missing
+        require(module, "serve")
     return require("uvicorn", "serve")
 
 

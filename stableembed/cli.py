@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field(raw: dict, section: str, key: str) -> str:
+    """A descriptive manifest field that loading does not require: "unknown" where it is absent."""
+    value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+    return "unknown" if value is None else str(value)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .runtime import load_manifest
 
@@ -74,8 +81,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     raw = m.raw
     rows = [
         ("artifact", str(m.folder)),
-        ("source", f"{raw['source']['path']} ({raw['source']['kind']})"),
-        ("architecture", f"{raw['architecture']['model_type']} {raw['architecture'].get('architectures')}"),
+        ("source", f"{_field(raw, 'source', 'path')} ({_field(raw, 'source', 'kind')})"),
+        ("architecture", f"{_field(raw, 'architecture', 'model_type')} "
+                         f"{(raw.get('architecture') or {}).get('architectures')}"),
         ("inputs", ", ".join(m.inputs)),
         ("output", f"{m.output} [batch, {m.dim}] float32"),
         ("pooling", "+".join(m.pooling) + (f", then Dense x{len(raw['dense'])}" if raw.get("dense") else "")),
@@ -86,10 +94,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("max_length", str(m.max_length)),
         ("tokenizer", _tokenizer_line(raw)),
         ("precision", m.precision),
-        ("opset / exporter", f"{raw['opset']} / {raw['exporter']}"),
+        ("opset / exporter", f"{raw.get('opset', 'unknown')} / {raw.get('exporter', 'unknown')}"),
         ("fixed buckets", " ".join(f"{b}x{t}" for b, t in m.fixed_buckets)),
-        ("created", raw["created"]),
-        ("libraries", ", ".join(f"{k} {v}" for k, v in raw["libraries"].items())),
+        ("created", str(raw.get("created", "unknown"))),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in (raw.get("libraries") or {}).items()) or "unknown"),
         ("weights", _weights_line(raw)),
         ("CPU graph", _cpu_graph_line(raw)),
     ]
@@ -158,6 +166,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .runtime.tokenize import resolve_prompt
     from .runtime.verify import check_stability
 
+    if args.parity and not Path(args.parity).is_dir():  # before minutes of checks, and not a hub id
+        raise ValueError(f"--parity: model folder not found: {args.parity} (only local folders are supported)")
     sample = not (args.input or args.texts)
     texts = sample_texts() if sample else _read_texts(args)
     manifest = load_manifest(args.artifact, rehash=True)  # every byte re-read, whatever the stamps say
@@ -370,9 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Texts may follow options (`embed ART --prompt-name query "a question"`): argparse gives the texts
+    # positional only the words before the first option, and leaves the others.
+    if rest and args.command in ("embed", "verify") and not any(r.startswith("-") for r in rest):
+        args.texts = [*args.texts, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `stableembed embed ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
+    except KeyboardInterrupt:
+        hint = " (--resume continues it)" if getattr(args, "output", None) else ""
+        print(f"stableembed {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:  # OSError: missing, a folder, no access
         print(f"stableembed {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -141,3 +141,60 @@ def test_export_precision_choices(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "invalid choice: 'fp16'" in err and "'fp32'" in err and "'int8'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_texts_may_follow_options(minilm_artifact, capsys) -> None:
+    want = Encoder(minilm_artifact).encode(["what is x", "and y"])
+    assert main(["embed", str(minilm_artifact), "--batch-size", "1", "what is x", "and y"]) == 0
+    rows = np.array([json.loads(line) for line in capsys.readouterr().out.splitlines()], dtype=np.float32)
+    assert same_bits(rows, want).all()
+    assert main(["verify", str(minilm_artifact), "--no-subprocess", "hello", "world"]) == 0
+    assert "each of 2 texts" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # an unknown option is still argparse's error
+        main(["embed", str(minilm_artifact), "--no-such-option", "x"])
+    assert exc.value.code == 2
+
+
+def test_interrupt_and_closed_pipe_end_quietly(minilm_artifact, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C: one line naming the command (and --resume where it applies), exit status 130; a reader that
+    leaves the pipe (`| head`): no error, exit 0."""
+    from stableembed.runtime.encoder import Encoder as RuntimeEncoder
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RuntimeEncoder, "_encode", interrupted)
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n", encoding="utf-8")
+    assert main(["embed", str(minilm_artifact), "-i", str(src), "-o", str(tmp_path / "o.jsonl")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "stableembed embed: interrupted (--resume continues it)"
+    monkeypatch.undo()
+    code = ("import sys; from stableembed.cli import main; "
+            f"sys.exit(main(['embed', {str(minilm_artifact)!r}, '-i', {str(src)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 0 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_info_reads_what_loading_does_not_require(minilm_artifact, tmp_path, capsys) -> None:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(minilm_artifact, art)
+    raw = json.loads((art / "manifest.json").read_text())
+    for key in ("source", "created", "libraries", "opset", "exporter", "architecture"):
+        raw.pop(key)
+    (art / "manifest.json").write_text(json.dumps(raw))
+    assert main(["info", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "source" in out and "unknown" in out
+
+
+def test_verify_parity_needs_a_local_folder_before_any_work(minilm_artifact, tmp_path, capsys, monkeypatch) -> None:
+    import stableembed.runtime.verify as verify
+
+    monkeypatch.setattr(verify, "check_stability", lambda *a, **k: pytest.fail("ran the checks first"))
+    assert main(["verify", str(minilm_artifact), "x", "--parity", str(tmp_path / "nope")]) == 2
+    assert "--parity: model folder not found" in capsys.readouterr().err

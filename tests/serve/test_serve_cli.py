@@ -125,3 +125,13 @@ def test_cache_size_reaches_the_encoder(monkeypatch, minilm_artifact) -> None:
             args.func(args)
         cache = served[-1].cache
         assert (cache.info().capacity if cache is not None else None) == capacity, flags
+
+
+@pytest.mark.parametrize("missing", ["starlette", "prometheus_client", "uvicorn"])
+def test_a_half_installed_serve_extra_names_the_extra(minilm_artifact, missing, monkeypatch, capsys) -> None:
+    from stableembed.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails, as if not installed
+    assert main(["serve", str(minilm_artifact), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} is needed here but not installed" in err and "stableembed[serve]" in err
