@@ -9,10 +9,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from ..runtime.manifest import CPU_MODEL, FORMAT, FORMAT_VERSION, MODEL, Manifest, load_manifest
+from ..runtime.manifest import CPU_MODEL, FORMAT, MODEL, Manifest, load_manifest
 from ..runtime.schedule import check_buckets
 from .cpu_graph import fuse_transformer, store_and_check
-from .artifact import atomic_folder, default_buckets, externalize_weights, write_manifest
+from .artifact import atomic_folder, default_buckets, externalize_weights, required_version, write_manifest
 from .families import FAMILIES, Family, check_positions, family_for
 from .source import Source, config_value, read_source
 from .tokenizer import write_tokenizer
@@ -132,6 +132,8 @@ def export_model(
             "default_prompt_name": src.default_prompt_name,
             "include_prompt": src.include_prompt,
             "max_length": src.max_length,
+            # sentence-transformers' own truncate_dim: what its encode returns by default, the Encoder's too
+            **({"truncate_dim": _checked_truncate_dim(src.truncate_dim, dim)} if src.truncate_dim else {}),
             # "argument": chosen at export, so a parity check truncates the reference there too; "model":
             # the model's own, which sentence-transformers must then use as well
             "max_length_source": "model" if max_length is None else "argument",
@@ -159,8 +161,7 @@ def export_model(
         manifest["weights"] = externalize_weights(tmp)
         # After model.onnx's weights are final: the CPU graph points at model.onnx.data's tensors.
         manifest["cpu_graph"] = store_and_check(tmp, manifest, cpu) if cpu["file"] else cpu
-        if manifest["cpu_graph"]["file"]:
-            manifest["format_version"] = FORMAT_VERSION
+        manifest["format_version"] = required_version(manifest)
         write_manifest(tmp, manifest)
         if parity:
             figures = _measure_parity(tmp, reference)
@@ -228,6 +229,13 @@ def _measure_parity(folder: Path, reference: tuple) -> dict:
     # compares its own sample fingerprint with this one and says whether the machine type differs.
     return {"reference": name, "data": "bundled sample (package summaries, README paragraphs, unicode, empty)",
             **parity_figures(ours, ref), "sample_bits_sha256": bits_sha256(ours), "provider": "cpu"}
+
+
+def _checked_truncate_dim(k: object, dim: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+        raise ValueError(f"config_sentence_transformers.json: truncate_dim must be an int from 1 to {dim} (the "
+                         f"model's embedding width), got {k!r}")
+    return k
 
 
 def _check_parity(figures: dict, what: str) -> dict:

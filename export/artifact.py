@@ -149,6 +149,15 @@ def externalize_weights(folder: Path) -> dict:
     return {"file": WEIGHTS, "tensors": tensors, "bytes": offset, "alignment": ALIGNMENT, "padding_bytes": padding}
 
 
+def required_version(manifest: dict) -> int:
+    """The oldest format version whose readers understand everything `manifest` holds (an older reader
+    refuses a newer version rather than silently ignoring what it cannot read): 2 for every export (external
+    weights, prompts, the pooling mask), 3 with a fused CPU graph, 4 with a truncate_dim."""
+    if manifest.get("truncate_dim") is not None:
+        return 4
+    return 3 if (manifest.get("cpu_graph") or {}).get("file") else 2
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Add the size and sha256 of every file in `folder`, then write manifest.json last."""
     manifest["files"] = {

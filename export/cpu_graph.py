@@ -28,7 +28,7 @@ import numpy as np
 
 from .._extras import require
 from ..runtime.manifest import CPU_MODEL, CPU_WEIGHTS, MODEL, WEIGHTS
-from .artifact import ALIGNMENT, EXTERNAL_MIN_BYTES, write_manifest
+from .artifact import ALIGNMENT, EXTERNAL_MIN_BYTES, required_version, write_manifest
 
 # Families whose encoder layers the optimizer's "bert" fusions recognise (post-LayerNorm BERT blocks; each
 # measured on a tiny model). Others are not tried: MPNet's relative position bias leaves its attention
@@ -180,4 +180,4 @@ def drop_cpu_graph(folder: Path, manifest: dict, reason: str) -> None:
         (folder / name).unlink(missing_ok=True)
         manifest.get("files", {}).pop(name, None)
     manifest["cpu_graph"] = {"file": None, "reason": reason}
-    manifest["format_version"] = min(int(manifest.get("format_version", 2)), 2)
+    manifest["format_version"] = required_version(manifest)

@@ -65,6 +65,8 @@ class Source:
     include_prompt: bool = True
     # sentence_bert_config.json's keyword arguments for AutoTokenizer (processor_kwargs, formerly tokenizer_args)
     tokenizer_kwargs: dict = field(default_factory=dict)
+    # config_sentence_transformers.json's truncate_dim: sentence-transformers' encode returns that many components
+    truncate_dim: int | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -256,24 +258,22 @@ def read_source(path: str | Path) -> Source:
     return Source(root, "sentence-transformers", transformer_path, config, pooling or ["mean"], normalize, dense,
                   max_length, bool(st_cfg.get("do_lower_case", False)),
                   prompts=prompts, default_prompt_name=default_prompt, include_prompt=include_prompt,
-                  tokenizer_kwargs=dict(tok_kwargs))
+                  tokenizer_kwargs=dict(tok_kwargs), truncate_dim=_st_model_config(root).get("truncate_dim"))
+
+
+def _st_model_config(root: Path) -> dict:
+    cfg_file = root / "config_sentence_transformers.json"
+    return _read_json(cfg_file) if cfg_file.is_file() else {}
 
 
 def _prompts(root: Path) -> tuple[dict[str, str], str | None]:
     """`prompts` and `default_prompt_name` from config_sentence_transformers.json, checked as
-    sentence-transformers checks them when it loads the model; a `truncate_dim` there is refused."""
+    sentence-transformers checks them when it loads the model."""
     cfg_file = root / "config_sentence_transformers.json"
     cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
     prompts = cfg.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
         raise ValueError(f"{cfg_file}: `prompts` must map names to prompt strings")
-    if cfg.get("truncate_dim") is not None:
-        # sentence-transformers' encode then returns only the first truncate_dim components; an artifact
-        # answering at full width by default would be another model's output
-        n = cfg["truncate_dim"]
-        raise ValueError(f"{cfg_file}: truncate_dim {n!r} is not supported at export (sentence-transformers returns "
-                         f"each embedding's first {n} components, the artifact would return all of them); "
-                         f"remove it from the file and pass truncate_dim={n} to Encoder (--truncate-dim {n} on embed)")
     default = cfg.get("default_prompt_name")
     if default is not None and default not in prompts:
         raise ValueError(f"{cfg_file}: default_prompt_name {default!r} is not one of the prompts "

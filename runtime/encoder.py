@@ -147,7 +147,8 @@ class Encoder:
             repeats from them without running the model (0: no cache). Exact, by the guarantee above: a
             hit has the bits a new run would give. `enc.cache.info()` counts hits and misses.
         truncate_dim: return only the first this many components of each embedding (Matryoshka models),
-            as sentence-transformers' `truncate_dim`; None: the model's full width. `dim` is then this.
+            as sentence-transformers' `truncate_dim`; None: the model's own (`manifest.truncate_dim`, from its
+            sentence-transformers config), else the full width (`manifest.dim` asks for it). `dim` is then this.
         normalize_embeddings: L2-normalize each returned row (after truncation), as sentence-transformers'
             `encode(normalize_embeddings=True)`. Both are also per-call arguments of `encode`.
     """
@@ -171,7 +172,9 @@ class Encoder:
         if parallel_runs > 1 and threads is None:
             threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
         self.manifest: Manifest = load_manifest(path, check_hashes=check_hashes)
-        self.truncate_dim = check_truncate_dim(truncate_dim, self.manifest.dim)
+        # None: the model's own truncate_dim (its sentence-transformers config's, recorded at export), if any
+        self.truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None else self.manifest.truncate_dim,
+                                               self.manifest.dim)
         self.normalize_embeddings = bool(normalize_embeddings)
         if mode == "fixed":
             check_buckets(self.manifest.fixed_buckets, self.manifest.max_length)

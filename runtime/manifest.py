@@ -17,7 +17,7 @@ FORMAT = "stableembed-artifact"
 # load. Version 2 is refused by older readers, whose TensorRT-EP cache key hashed model.onnx alone, which
 # no longer covers the weights. 3: a second graph for the CPU provider (`cpu_graph`, model.cpu.onnx), written
 # only with it: a version 2 reader would run model.onnx on CPU and get other bits than the manifest records.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 2: external weights, prompts; 3: the fused CPU graph; 4: truncate_dim
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 # The graph's weights, in onnx's external-data form (page-aligned, so onnxruntime maps them instead of
@@ -56,6 +56,7 @@ class Manifest:
     include_prompt: bool = True  # False: the prompt's tokens are left out of pooling (graph input pooling_mask)
     weights_file: Path | None = None  # model.onnx's external weights (None: inside model.onnx, older artifacts)
     cpu_model_file: Path | None = None  # the CPU provider's fused graph (None: it runs model_file too)
+    truncate_dim: int | None = None  # the model's own truncate_dim (sentence-transformers'): the Encoder's default
 
     @property
     def model_sha256(self) -> str:
@@ -154,9 +155,19 @@ def load_manifest(folder: str | Path, check_hashes: bool = True, rehash: bool = 
             **_prompt_fields(raw),
             weights_file=_inside(folder, weights) if weights else None,
             cpu_model_file=_inside(folder, cpu_model) if cpu_model else None,
+            truncate_dim=_truncate_dim(raw),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mfile} is missing or has a bad field: {exc}") from exc
+
+
+def _truncate_dim(raw: dict[str, Any]) -> int | None:
+    if raw.get("truncate_dim") is None:
+        return None
+    k = _positive(raw["truncate_dim"], "truncate_dim")
+    if k > int(raw["dim"]):
+        raise ValueError(f"truncate_dim {k} is beyond dim {raw['dim']}")
+    return k
 
 
 def _positive(value: Any, name: str) -> int:

@@ -92,6 +92,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                                for k, v in m.prompts.items()) or "none")
          + ("; a prompt's tokens are not pooled (include_prompt=false)" if not m.include_prompt else "")),
         ("max_length", str(m.max_length)),
+        *([("truncate_dim", f"{m.truncate_dim} of {m.dim} components by default (the model's "
+                            f"sentence-transformers config)")] if m.truncate_dim else []),
         ("tokenizer", _tokenizer_line(raw)),
         ("precision", m.precision),
         ("opset / exporter", f"{raw.get('opset', 'unknown')} / {raw.get('exporter', 'unknown')}"),

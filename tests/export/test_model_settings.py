@@ -175,12 +175,30 @@ def test_left_truncation_is_refused(tiny_zoo, tmp_path: Path) -> None:
         write_tokenizer(read_source(folder), tmp_path / "tokenizer.json")
 
 
-def test_truncate_dim_is_refused(tiny_zoo, tmp_path: Path) -> None:
+def test_the_models_truncate_dim_is_the_encoders_default(tiny_zoo, tmp_path: Path) -> None:
+    """config_sentence_transformers.json's truncate_dim: sentence-transformers' encode returns that many
+    components; the artifact records it (format version 4, which older readers refuse rather than return
+    the full width), parity passes against that output, and the Encoder returns it by default."""
+    from sentence_transformers import SentenceTransformer
+
+    from stableembed import Encoder
+    from stableembed.runtime.verify import same_bits
+
     folder = _st_folder(tiny_zoo, tmp_path)
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({"truncate_dim": 16, "prompts": {}}))
-    with pytest.raises(ValueError, match=r"config_sentence_transformers\.json: truncate_dim 16 is not supported .*"
-                                         r"pass truncate_dim=16 to Encoder"):
-        read_source(folder)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"truncate_dim": 16}))
+    m = export_model(folder, tmp_path / "art")  # parity on: against ST's 16 components
+    assert m.truncate_dim == 16 and m.raw["format_version"] == 4 and m.dim > 16
+    texts = corpus()[:6]
+    enc = Encoder(tmp_path / "art")
+    ours = enc.encode(texts)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    assert ours.shape == ref.shape == (len(texts), 16) and enc.dim == 16
+    assert np.abs(ours - ref).max() <= PARITY_TOLERANCE.max_abs_diff
+    full = Encoder(tmp_path / "art", truncate_dim=m.dim).encode(texts)
+    assert full.shape == (len(texts), m.dim) and same_bits(full[:, :16], ours).all()
+    _edit_json(folder / "config_sentence_transformers.json", truncate_dim=m.dim + 1)
+    with pytest.raises(ValueError, match=f"truncate_dim must be an int from 1 to {m.dim}"):
+        export_model(folder, tmp_path / "art2")
 
 
 @pytest.mark.parametrize("arch, texts", [

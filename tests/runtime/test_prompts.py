@@ -23,7 +23,7 @@ from stableembed import Encoder
 from stableembed.export import read_source
 from stableembed.export.parity import cosine_rows
 from stableembed.runtime.encoder import _Request
-from stableembed.runtime.manifest import FORMAT_VERSION, load_manifest
+from stableembed.runtime.manifest import load_manifest
 from stableembed.runtime.verify import same_bits
 
 pytestmark = pytest.mark.slow  # exports two tiny models (seconds), once per process
@@ -61,7 +61,7 @@ def test_manifest_reads_prompts_and_include_prompt() -> None:
         m = load_manifest(art)
         assert m.prompts == PROMPTS and m.default_prompt_name == default and m.include_prompt is include
         # a tiny BERT: the CPU provider runs the fused graph (format 3), with the same inputs as model.onnx
-        assert m.raw["format_version"] == FORMAT_VERSION == 3 and m.cpu_model_file is not None
+        assert m.raw["format_version"] == 3 and m.cpu_model_file is not None
         expected = ["input_ids", "attention_mask", "token_type_ids"] + ([] if include else ["pooling_mask"])
         for graph in (m.model_file, m.cpu_model_file):
             graph_inputs = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
@@ -169,7 +169,7 @@ def tiny_zoo_free_artifact(tmp_path_factory):
     (src / "config_sentence_transformers.json").unlink(missing_ok=True)
     export_model(src, root / "art", parity=False)
     m = load_manifest(root / "art")
-    assert m.prompts == {} and m.raw["format_version"] == FORMAT_VERSION and "pooling_mask" not in m.inputs
+    assert m.prompts == {} and m.raw["format_version"] == 3 and "pooling_mask" not in m.inputs
     return root / "art"
 
 
