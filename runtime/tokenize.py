@@ -120,13 +120,15 @@ class TextTokenizer:
     def _prepare(self, texts: Sequence[str]) -> list[str]:
         return [t.lower() for t in texts] if self.lowercase else list(texts)
 
-    def _encode_batch(self, texts: list[str]) -> list[Encoding]:
+    def _encode_batch(self, texts: list[str], originals: Sequence[str] | None = None) -> list[Encoding]:
+        """Encodings of `texts`; a text that cannot be encoded as UTF-8 is named by its index, with the
+        character counted in `originals` (the caller's texts, before a prompt and lowercasing) when given."""
         try:
             if len(texts) == 1:  # one text: no hand-off to the tokenizer's thread pool (same encoding)
                 return [self.tokenizer.encode(texts[0])]
             return self.tokenizer.encode_batch(texts)
         except Exception:
-            for i, t in enumerate(texts):  # find the culprit and name it
+            for i, t in enumerate(texts if originals is None else originals):  # find the culprit and name it
                 _check_utf8(t, i)
             raise
 
@@ -143,14 +145,15 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str], prompt: str | None = None) -> list[Encoding]:
         """Token encodings of `texts` (each preceded by `prompt` when given, as sentence-transformers
         joins them: prompt + text), truncated to max_length."""
+        originals = texts  # a bad character is counted in the caller's text, not after the prompt
         if prompt:
             texts = [prompt + t for t in texts]
         prepared = self._prepare(texts)
         limit, read_limit = self.max_length * CUT_RATIO, self.max_length * READ_RATIO
         cut = {i: limit for i, t in enumerate(prepared) if len(t) > limit}
         for i in cut:  # tokenized from a prefix: its tail must still be valid text, checked here by its index
-            _check_utf8(prepared[i], i)
-        encodings = self._encode_batch([_cut(t, limit) for t in prepared])
+            _check_utf8(originals[i], i)
+        encodings = self._encode_batch([_cut(t, limit) for t in prepared], originals)
         while cut:  # a prefix that does not prove its tokens grows, in the end to the whole text
             grow = {}
             for i, n in cut.items():

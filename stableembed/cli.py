@@ -386,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     # Texts may follow options (`embed ART --prompt-name query "a question"`): argparse gives the texts
     # positional only the words before the first option, and leaves the others.
-    if rest and args.command in ("embed", "verify") and not any(r.startswith("-") for r in rest):
-        args.texts = [*args.texts, *rest]
+    # After "--", every word is a text, as argparse treats it ("-5 degrees" included).
+    before, after = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+    if rest and args.command in ("embed", "verify") and not any(r.startswith("-") for r in before):
+        args.texts = [*args.texts, *before, *after]
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

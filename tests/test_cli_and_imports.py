@@ -153,6 +153,10 @@ def test_texts_may_follow_options(minilm_artifact, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # an unknown option is still argparse's error
         main(["embed", str(minilm_artifact), "--no-such-option", "x"])
     assert exc.value.code == 2
+    want = Encoder(minilm_artifact).encode(["a", "-5 degrees", "--"])
+    assert main(["embed", str(minilm_artifact), "--batch-size", "2", "a", "--", "-5 degrees", "--"]) == 0
+    rows = np.array([json.loads(line) for line in capsys.readouterr().out.splitlines()], dtype=np.float32)
+    assert same_bits(rows, want).all()
 
 
 def test_interrupt_and_closed_pipe_end_quietly(minilm_artifact, tmp_path, monkeypatch, capsys) -> None:

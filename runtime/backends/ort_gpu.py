@@ -148,7 +148,9 @@ class _BoundRunner:
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, shape: Shape, graph: bool = False):
         self.session = session
         self.graph = graph
-        self._runs: dict[int, int] = {}  # session runs per thread (onnxruntime's graphs are per thread)
+        # session runs of each thread (onnxruntime's graphs are per thread); thread-local, so a new thread
+        # that reuses a finished one's id starts from 0, as onnxruntime's per-thread state does
+        self._local = threading.local()
         self.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.int64, "cuda", 0)
                        for n in manifest.inputs}
         self.out = ort.OrtValue.ortvalue_from_shape_and_type([shape[0], manifest.dim], np.float32, "cuda", 0)
@@ -159,17 +161,16 @@ class _BoundRunner:
 
     def capturing(self) -> bool:
         """Whether this thread's next call may still capture (and so may still fail for want of graphs)."""
-        return self.graph and self._runs.get(threading.get_ident(), 0) < CAPTURE_RUNS
+        return self.graph and getattr(self._local, "runs", 0) < CAPTURE_RUNS
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         for n, v in self.inputs.items():
             v.update_inplace(np.ascontiguousarray(feeds[n], dtype=np.int64))
-        thread = threading.get_ident()
-        done = self._runs.get(thread, 0)
+        done = getattr(self._local, "runs", 0)
         times = CAPTURE_RUNS - done if self.graph and done < CAPTURE_RUNS else 1  # the same inputs: the same bits
         for _ in range(times):
             self.session.run_with_iobinding(self.binding)
-        self._runs[thread] = done + times
+        self._local.runs = done + times
         return self.out.numpy()
 
 

@@ -314,6 +314,12 @@ def test_a_lone_surrogate_past_a_huge_texts_prefix_names_its_index(enc, huge) ->
         enc.encode(["ok", "fine", huge])
     with pytest.raises(ValueError, match="text at index 5 cannot be encoded as UTF-8"):
         list(enc.encode_stream(["ok"] * 5 + [huge], chunk_size=4))
+    # the character is counted in the caller's text, not after a prompt put before it
+    at = f"at character {len(huge) - 1}\\)"
+    with pytest.raises(ValueError, match=f"text at index 1 cannot be encoded as UTF-8 .*{at}"):
+        enc.encode(["ok", huge], prompt="query: ")
+    with pytest.raises(ValueError, match=r"text at index 1 cannot be encoded as UTF-8 .*at character 2\)"):
+        enc.encode(["ok", "ab\ud800"], prompt="query: ")
 
 
 def _queued_by_another_thread(enc: Encoder, texts: list[str], pool: ThreadPoolExecutor):
