@@ -180,9 +180,9 @@ def test_huge_text_is_tokenized_from_a_prefix(enc, real_texts, monkeypatch) -> N
     seen: list[int] = []
     real = enc.tokenizer._encode_batch
 
-    def spy(texts):
+    def spy(texts, *rest):
         seen.extend(len(t) for t in texts)
-        return real(texts)
+        return real(texts, *rest)
 
     monkeypatch.setattr(enc.tokenizer, "_encode_batch", spy)
     v = enc.encode(huge)
