@@ -232,10 +232,12 @@ def _measure_parity(folder: Path, reference: tuple) -> dict:
 
 
 def _checked_truncate_dim(k: object, dim: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
-        raise ValueError(f"config_sentence_transformers.json: truncate_dim must be an int from 1 to {dim} (the "
-                         f"model's embedding width), got {k!r}")
-    return k
+    from ..runtime.encoder import check_truncate_dim
+
+    try:
+        return check_truncate_dim(k, dim)  # the Encoder's own check, so export and runtime accept the same
+    except ValueError as exc:
+        raise ValueError(f"config_sentence_transformers.json: {exc}") from None
 
 
 def _check_parity(figures: dict, what: str) -> dict:

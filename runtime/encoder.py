@@ -229,10 +229,11 @@ class Encoder:
         """Width of the returned embeddings: `truncate_dim` when set, else the model's (manifest.dim)."""
         return self.truncate_dim or self.manifest.dim
 
-    def _finish(self, emb: np.ndarray, truncate_dim: int | None, normalize: bool | None) -> np.ndarray:
-        """`finish_rows` with a call's arguments, None meaning the Encoder's own setting."""
+    def _settings(self, truncate_dim: int | None, normalize: bool | None) -> tuple[int | None, bool]:
+        """(width, normalize) for `finish_rows` from a call's arguments, None meaning the Encoder's own
+        setting; a bad width raises here, before any text runs."""
         dim = self.truncate_dim if truncate_dim is None else check_truncate_dim(truncate_dim, self.manifest.dim)
-        return finish_rows(emb, dim, self.normalize_embeddings if normalize is None else bool(normalize))
+        return dim, self.normalize_embeddings if normalize is None else bool(normalize)
 
     @property
     def max_length(self) -> int:
@@ -276,13 +277,10 @@ class Encoder:
         In fixed mode the manifest's buckets set the batch sizes and `batch_size` is not used.
         """
         chosen = resolve_prompt(self.manifest, prompt_name, prompt)
-        if truncate_dim is not None:  # a bad width fails before any text is run
-            check_truncate_dim(truncate_dim, self.manifest.dim)
-        if isinstance(texts, str):
-            return self._finish(self._encode([texts], batch_size, show_progress, chosen), truncate_dim,
-                                normalize_embeddings)[0]
-        return self._finish(self._encode(texts, batch_size, show_progress, chosen), truncate_dim,
-                            normalize_embeddings)
+        settings = self._settings(truncate_dim, normalize_embeddings)
+        single = isinstance(texts, str)
+        out = finish_rows(self._encode([texts] if single else texts, batch_size, show_progress, chosen), *settings)
+        return out[0] if single else out
 
     def _encode(self, texts: Iterable[str], batch_size: int, show_progress: bool, prompt: str | None) -> np.ndarray:
         """`encode` with the prompt already chosen (None: no prompt at all)."""
@@ -328,8 +326,7 @@ class Encoder:
                             "in a list")
         check_chunk_size(chunk_size)
         chosen = resolve_prompt(self.manifest, prompt_name, prompt)
-        if truncate_dim is not None:
-            check_truncate_dim(truncate_dim, self.manifest.dim)
+        self._settings(truncate_dim, normalize_embeddings)  # a bad width fails before any text is read
         return self._stream(texts, chunk_size, batch_size, show_progress, total, chosen, truncate_dim,
                             normalize_embeddings)
 
@@ -356,7 +353,7 @@ class Encoder:
                       truncate_dim: int | None = None, normalize: bool | None = None) -> np.ndarray:
         """One chunk of a stream, finished with the given (None: the Encoder's) truncate_dim and normalize."""
         with _naming_indices(lambda i: offset + i):  # the index in the whole stream, not in the chunk
-            return self._finish(self._encode(chunk, batch_size, False, prompt), truncate_dim, normalize)
+            return finish_rows(self._encode(chunk, batch_size, False, prompt), *self._settings(truncate_dim, normalize))
 
     def _submit(self, request: _Request) -> None:
         """Flat combining: whoever holds the run lock runs every pending request's texts as shared

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stableembed.kernels.normalize import normalize_reference
+from stableembed.runtime.encoder import finish_rows
 
 ENCODING_FORMATS = ("float", "base64")
 
@@ -156,10 +156,7 @@ def truncate_dimensions(emb: np.ndarray, dimensions: int | None, normalize: bool
         return emb
     if not 1 <= dimensions <= emb.shape[-1]:
         raise ValueError(f"dimensions must be between 1 and {emb.shape[-1]}, got {dimensions}")
-    cut = np.ascontiguousarray(emb[..., :dimensions], dtype=np.float32)
-    if not normalize:
-        return cut
-    return normalize_reference(cut.reshape(-1, dimensions)).reshape(cut.shape)
+    return finish_rows(np.asarray(emb, dtype=np.float32), dimensions, normalize)
 
 
 def response_body(emb: np.ndarray, *, model: str, encoding_format: str, prompt_tokens: int) -> bytes:
